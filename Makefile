@@ -1,0 +1,28 @@
+PYTHON := .venv/bin/python
+STAMP := .venv/.installed
+
+.PHONY: install protos test demo clean
+
+install: protos
+	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
+
+$(PYTHON):
+	python3 -m venv .venv
+
+# torch first, so pip never resolves a CUDA build while installing the project.
+$(STAMP): pyproject.toml | $(PYTHON)
+	$(PYTHON) -m pip install torch==2.13.0
+	$(PYTHON) -m pip install -e ".[dev]"
+	touch $@
+
+protos: $(STAMP)
+	$(PYTHON) scripts/gen_protos.py
+
+test: install
+	$(PYTHON) -m pytest -q
+
+demo: install
+	bash scripts/demo.sh
+
+clean:
+	rm -rf moemesh/v1

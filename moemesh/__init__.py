@@ -1,0 +1,1 @@
+"""moemesh: MoE serving as gRPC microservices."""

@@ -1,0 +1,81 @@
+"""The `moemesh` command: `up` (a whole cluster), each service alone, a client, the demo model."""
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from moemesh import settings as settings_mod
+from moemesh.errors import MoemeshError
+
+SERVICES = {
+    "gateway": (settings_mod.GatewaySettings, "services.gateway.server"),
+    "router": (settings_mod.RouterSettings, "services.router.server"),
+    "expert": (settings_mod.ExpertSettings, "services.experts.server"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moemesh", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("up", help="start gateway, router, expert shards and redis-server on loopback")
+    up.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled demo model)")
+    up.add_argument("--experts", type=int, default=2, help="expert shards")
+    up.add_argument("--replicas", type=int, default=1, help="replicas of each shard")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--port", type=int, default=50051, help="gateway port (0: a free one)")
+    up.add_argument("--redis", help="Redis URL (default: start a redis-server)")
+    up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    up.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+
+    for name, (settings_cls, _) in SERVICES.items():
+        settings_mod.add_flags(sub.add_parser(name, help=f"run the {name} service alone"), settings_cls)
+
+    gen = sub.add_parser("generate", help="send one request to a gateway and stream the reply")
+    gen.add_argument("prompt")
+    gen.add_argument("--address", default="127.0.0.1:50051")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0)
+
+    demo = sub.add_parser("build-demo-model", help="write the demo checkpoint")
+    demo.add_argument("--out", type=Path)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except MoemeshError as exc:
+        print(f"moemesh {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moemesh import demo_model
+
+    if args.command == "up":
+        from moemesh.launcher import up
+
+        model = args.model or demo_model.ensure()
+        return up(model, args.experts, args.replicas, args.host, args.port, args.redis, args.dtype, args.wire_dtype)
+    if args.command in SERVICES:
+        import importlib
+
+        settings_cls, module = SERVICES[args.command]
+        importlib.import_module(module).serve(settings_mod.from_flags(settings_cls, args))
+        return 0
+    if args.command == "generate":
+        from moemesh.client import stream_generate
+
+        return stream_generate(args.address, args.prompt, args.max_new_tokens, args.temperature)
+    if args.command == "build-demo-model":
+        print(demo_model.build(args.out or demo_model.DEMO_DIR))
+        return 0
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

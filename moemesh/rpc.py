@@ -1,0 +1,166 @@
+"""gRPC plumbing shared by the services: server factory, error mapping, health, multiplexed streams."""
+
+import functools
+import inspect
+import itertools
+import logging
+import queue
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from moemesh.errors import DeadlineExceeded, InvalidArgument, MoemeshError, Unavailable
+
+log = logging.getLogger(__name__)
+
+MAX_MESSAGE_BYTES = 512 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+
+
+def map_errors(method: Callable) -> Callable:
+    """Turns domain errors into their gRPC status and anything else into INTERNAL, without a trace."""
+
+    def abort(context: grpc.ServicerContext, exc: Exception) -> None:
+        if isinstance(exc, MoemeshError):
+            context.abort(exc.code, str(exc))
+        log.exception("unhandled error in %s", method.__qualname__)
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream_wrapper(self, request, context):
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
+                abort(context, exc)
+
+        return stream_wrapper
+
+    @functools.wraps(method)
+    def unary_wrapper(self, request, context):
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            abort(context, exc)
+
+    return unary_wrapper
+
+
+class Service:
+    """A gRPC server with standard health checking, a ready line, and graceful drain on SIGTERM."""
+
+    def __init__(self, name: str, host: str, port: int, workers: int = 32):
+        self.name = name
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.address = f"{host}:{self.port}"
+
+    def start(self) -> None:
+        self.server.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        print(f"{self.name} listening on {self.address}", flush=True)
+
+    def serve_until_signal(self, grace_s: float) -> None:
+        """Blocks until SIGTERM/SIGINT, then reports NOT_SERVING and drains for `grace_s`."""
+        stop = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+        self.health.enter_graceful_shutdown()
+        self.server.stop(grace_s).wait()
+
+
+class StreamClient:
+    """Many concurrent request/response pairs over one long-lived bidirectional stream.
+
+    Requests carry a `request_id`; a reader thread resolves each caller's future from the matching
+    response. A broken stream fails every pending call with UNAVAILABLE and is reopened on next use.
+    """
+
+    _CLOSE = object()
+
+    def __init__(self, target: str, open_stream: Callable[[grpc.Channel], Callable[..., Iterator[Any]]]):
+        self.target = target
+        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._method = open_stream(self._channel)
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._stream: _OpenStream | None = None
+
+    def submit(self, request: Any) -> futures.Future:
+        request.request_id = next(self._ids)
+        with self._lock:
+            if self._stream is None or self._stream.broken:
+                self._stream = _OpenStream(self._method, self.target)
+            return self._stream.send(request)
+
+    def call(self, request: Any, timeout_s: float) -> Any:
+        return wait(self.submit(request), timeout_s, self.target)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._stream is not None:
+                self._stream.close()
+        self._channel.close()
+
+
+def wait(future: futures.Future, timeout_s: float, target: str) -> Any:
+    try:
+        return future.result(timeout=timeout_s)
+    except futures.TimeoutError:
+        raise DeadlineExceeded(f"{target}: no answer within {timeout_s:g}s") from None
+
+
+class _OpenStream:
+    def __init__(self, method: Callable[..., Iterator[Any]], target: str):
+        self.target = target
+        self.broken = False
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._pending: dict[int, futures.Future] = {}
+        self._lock = threading.Lock()
+        self._responses = method(iter(self._requests.get, StreamClient._CLOSE))
+        threading.Thread(target=self._read, name=f"stream-{target}", daemon=True).start()
+
+    def send(self, request: Any) -> futures.Future:
+        future: futures.Future = futures.Future()
+        with self._lock:
+            if self.broken:
+                future.set_exception(Unavailable(f"{self.target}: stream closed"))
+                return future
+            self._pending[request.request_id] = future
+        self._requests.put(request)
+        return future
+
+    def close(self) -> None:
+        self._requests.put(StreamClient._CLOSE)
+        self._responses.cancel()
+
+    def _read(self) -> None:
+        error: MoemeshError = Unavailable(f"{self.target}: stream ended")
+        try:
+            for response in self._responses:
+                with self._lock:
+                    future = self._pending.pop(response.request_id, None)
+                if future is not None:
+                    future.set_result(response)
+        except grpc.RpcError as exc:
+            kind = InvalidArgument if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else Unavailable
+            error = kind(f"{self.target}: {exc.code().name}: {exc.details()}")
+        with self._lock:
+            self.broken = True
+            pending, self._pending = self._pending, {}
+        for future in pending.values():
+            future.set_exception(error)
+

@@ -1,0 +1,75 @@
+"""One typed settings object per service, read from flags and `MOEMESH_*` environment variables.
+
+Flags are generated from the fields (`max_batch_tokens` -> `--max-batch-tokens`); a flag given on the
+command line wins over the environment, which wins over the default.
+"""
+
+import argparse
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from moemesh.codec import parse_dtype
+
+ComputeDType = Literal["auto", "float32", "bfloat16"]
+WireDType = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ServiceSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOEMESH_", extra="forbid")
+
+    model: Path = Field(description="Hugging Face checkpoint directory")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(0, description="port to bind; 0 picks a free one (printed on the ready line)")
+    dtype: ComputeDType = Field("auto", description="compute dtype; auto: the checkpoint's")
+    wire_dtype: WireDType = Field("auto", description="dtype of tensors between services; auto: the compute dtype")
+    threads: int = Field(0, description="torch intra-op threads; 0: torch's default")
+    grace_s: float = Field(10.0, description="seconds to finish in-flight work on SIGTERM")
+
+    def compute_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
+        return checkpoint_dtype if self.dtype == "auto" else parse_dtype(self.dtype)
+
+    def wire_torch_dtype(self, compute: torch.dtype) -> torch.dtype:
+        return compute if self.wire_dtype == "auto" else parse_dtype(self.wire_dtype)
+
+
+class ExpertSettings(ServiceSettings):
+    shard: str = Field("0/1", description="i/N: hold the i-th of N contiguous slices of every layer's experts")
+
+
+class RouterSettings(ServiceSettings):
+    experts: list[str] = Field(description="comma-separated expert service addresses (host:port)")
+    call_timeout_s: float = Field(30.0, description="deadline of one expert call")
+
+
+class GatewaySettings(ServiceSettings):
+    router: str | None = Field(None, description="router address; unset: run the experts in this process")
+    redis: str | None = Field(None, description="Redis URL for sessions")
+    max_batch_seqs: int = Field(64, description="most sequences in one engine step")
+    max_batch_tokens: int = Field(512, description="token budget of one engine step (chunked prefill)")
+    max_waiting: int = Field(1024, description="most requests queued for admission; beyond: RESOURCE_EXHAUSTED")
+    default_max_new_tokens: int = Field(64, description="max_new_tokens when a request leaves it unset")
+    max_new_tokens_limit: int = Field(4096, description="largest max_new_tokens a request may ask for")
+    max_context: int = Field(0, description="longest prompt + completion; 0: the model's max_position_embeddings")
+    router_timeout_s: float = Field(60.0, description="deadline of one router call")
+    metrics_port: int = Field(-1, description="Prometheus metrics HTTP port; -1: off, 0: a free port")
+    workers: int = Field(256, description="gRPC worker threads (concurrent RPCs)")
+
+
+def add_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:
+    for name, field in settings_cls.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
+        parser.add_argument(flag, dest=name, default=None, choices=choices, help=field.description)
+
+
+def from_flags(settings_cls: type[BaseSettings], args: argparse.Namespace) -> Any:
+    """Settings from the flags that were given, the environment, then the defaults."""
+    given = {name: getattr(args, name) for name in settings_cls.model_fields if getattr(args, name, None) is not None}
+    for name, value in given.items():
+        if get_origin(settings_cls.model_fields[name].annotation) is list:
+            given[name] = [part for part in value.split(",") if part]
+    return settings_cls(**given)

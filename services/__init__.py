@@ -1,0 +1,1 @@
+"""moemesh services: gateway, router, experts."""

@@ -1,0 +1,1 @@
+"""Expert service: a shard of routed-expert FFN weights behind a bidirectional stream."""

@@ -1,0 +1,28 @@
+"""`moemesh expert`: load a shard and serve it."""
+
+import torch
+
+from moemesh.checkpoint import Checkpoint
+from moemesh.rpc import Service
+from moemesh.settings import ExpertSettings
+from moemesh.v1 import expert_pb2_grpc
+from services.experts.servicer import ExpertServicer
+from services.experts.shard import ExpertShard
+
+
+def create_service(settings: ExpertSettings) -> Service:
+    ckpt = Checkpoint(settings.model)
+    dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype)
+    shard = ExpertShard.load(ckpt, settings.shard, dtype)
+    service = Service("expert", settings.host, settings.port)
+    servicer = ExpertServicer(shard, dtype, settings.wire_torch_dtype(dtype))
+    expert_pb2_grpc.add_ExpertServicer_to_server(servicer, service.server)
+    return service
+
+
+def serve(settings: ExpertSettings) -> None:
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    service = create_service(settings)
+    service.start()
+    service.serve_until_signal(settings.grace_s)

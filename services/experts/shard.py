@@ -1,0 +1,52 @@
+"""Which experts a shard holds, and running token groups on them."""
+
+from dataclasses import dataclass
+
+import torch
+
+from moemesh.checkpoint import Checkpoint
+from moemesh.errors import InvalidArgument
+from moemesh.model import load_experts
+from moemesh.moe import ExpertGroup, LocalExperts
+
+
+def parse_shard(spec: str, num_experts: int) -> list[int]:
+    """`"i/N"`: the i-th of N contiguous, near-equal slices of the expert ids."""
+    try:
+        index, count = (int(part) for part in spec.split("/"))
+    except ValueError:
+        raise InvalidArgument(f"shard: expected i/N such as 0/2, got {spec!r}") from None
+    if not 0 <= index < count <= num_experts:
+        raise InvalidArgument(f"shard: {spec!r} needs 0 <= i < N <= {num_experts} (the model's experts)")
+    return list(range(index * num_experts // count, (index + 1) * num_experts // count))
+
+
+@dataclass
+class ExpertShard:
+    fingerprint: str
+    layers: dict[int, list[int]]  # layer -> experts held
+    hidden_size: int
+    run: LocalExperts
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, spec: str, dtype: torch.dtype) -> "ExpertShard":
+        cfg = ckpt.config
+        experts = parse_shard(spec, cfg.num_experts)
+        layers = {layer: experts for layer in cfg.moe_layers}
+        pairs = [(layer, e) for layer, held in layers.items() for e in held]
+        return cls(ckpt.fingerprint, layers, cfg.hidden_size, LocalExperts(load_experts(ckpt, pairs, dtype)))
+
+    def forward(self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor) -> torch.Tensor:
+        """Checks the request against what this shard holds, then runs it."""
+        held = self.layers.get(layer)
+        if held is None:
+            raise InvalidArgument(f"layer: {layer} is not an MoE layer of this shard (holds {sorted(self.layers)})")
+        for g in groups:
+            if g.expert not in held:
+                raise InvalidArgument(f"groups: expert {g.expert} of layer {layer} is not on this shard (holds {held})")
+        total = sum(g.num_tokens for g in groups)
+        if rows.shape != (total, self.hidden_size):
+            raise InvalidArgument(
+                f"hidden: shape {list(rows.shape)} does not match the groups' {total} tokens x hidden {self.hidden_size}"
+            )
+        return self.run(layer, groups, rows)

@@ -1,0 +1,1 @@
+"""Gateway service: public API, tokenizer, engine with continuous batching, dense model part."""

@@ -1,0 +1,201 @@
+"""The engine: continuous batching of every live sequence over the dense model and the routed experts.
+
+Requests join and leave the running batch between steps. Each step packs decode tokens first, then
+prefill chunks within `max_batch_tokens`, and runs one forward pass, which makes one routed-experts
+call per MoE layer for all of them.
+"""
+
+import logging
+import queue
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass
+from collections.abc import Iterator
+
+import torch
+
+from moemesh.errors import Cancelled, MoemeshError, ResourceExhausted
+from moemesh.model import DenseModel, KVCache, RoutedExperts, SequenceSlice, StepBatch
+from services.gateway import metrics
+from services.gateway.requests import GenerationRequest, StepOutput
+from services.gateway.sampling import sample
+from services.gateway.text import TextCodec, TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_seqs: int
+    max_batch_tokens: int
+    max_waiting: int
+
+
+class Sequence:
+    """One request's state in the engine; the caller reads its outputs with `outputs()`."""
+
+    def __init__(self, request: GenerationRequest, text: TextStream):
+        self.prompt_ids = request.prompt_ids
+        self.sampling = request.sampling
+        self.text = text
+        self.output_ids: list[int] = []
+        self.computed = 0  # tokens whose keys/values are in the cache
+        self.cache: KVCache | None = None
+        seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.cancelled = False
+        self._events: queue.SimpleQueue[StepOutput | MoemeshError] = queue.SimpleQueue()
+
+    @property
+    def pending(self) -> int:
+        """Tokens not yet run through the model (the prompt's rest, or the last sampled token)."""
+        return len(self.prompt_ids) + len(self.output_ids) - self.computed
+
+    def token_ids(self, start: int, count: int) -> list[int]:
+        return (self.prompt_ids + self.output_ids)[start : start + count]
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def outputs(self) -> Iterator[StepOutput]:
+        """Blocks for each step's output until the last one; raises the error that ended the sequence."""
+        while True:
+            event = self._events.get()
+            if isinstance(event, MoemeshError):
+                raise event
+            yield event
+            if event.finish_reason:
+                return
+
+    def emit(self, event: StepOutput | MoemeshError) -> None:
+        self._events.put(event)
+
+
+class Engine:
+    def __init__(self, model: DenseModel, routed: RoutedExperts, config: EngineConfig, text: TextCodec | None):
+        self.model, self.routed, self.config, self.text = model, routed, config, text
+        self.eos_ids = set(model.cfg.eos_token_ids)
+        self.dtype = model.embed_tokens.weight.dtype
+        self.running: list[Sequence] = []
+        self._waiting: deque[Sequence] = deque()
+        self._wakeup = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        with self._wakeup:
+            self._stopped = True
+            self._wakeup.notify()
+        self._thread.join()
+
+    def submit(self, request: GenerationRequest) -> Sequence:
+        seq = Sequence(request, TextStream(self.text, request.sampling.stop))
+        with self._wakeup:
+            if len(self._waiting) >= self.config.max_waiting:
+                raise ResourceExhausted(f"waiting queue is full ({self.config.max_waiting} requests); retry later")
+            self._waiting.append(seq)
+            self._wakeup.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancel()
+        with self._wakeup:
+            self._wakeup.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while True:
+                    self._drop_cancelled()
+                    self._admit()
+                    metrics.RUNNING.set(len(self.running))
+                    metrics.WAITING.set(len(self._waiting))
+                    if self._stopped:
+                        return
+                    if self.running:
+                        break
+                    self._wakeup.wait()
+            self._step()
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in (*self.running, *self._waiting) if s.cancelled]:
+            (self.running if seq in self.running else self._waiting).remove(seq)
+            seq.emit(Cancelled("request cancelled"))
+
+    def _admit(self) -> None:
+        while self._waiting and len(self.running) < self.config.max_batch_seqs:
+            seq = self._waiting.popleft()
+            seq.cache = KVCache(self.model.cfg, len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.dtype)
+            self.running.append(seq)
+
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """Decode tokens first (one each), then prefill chunks while the token budget lasts."""
+        budget = self.config.max_batch_tokens
+        chosen = [(s, 1) for s in self.running if s.pending == 1]
+        budget -= len(chosen)
+        for seq in self.running:
+            if seq.pending > 1 and budget > 0:
+                take = min(seq.pending, budget)
+                chosen.append((seq, take))
+                budget -= take
+        return chosen
+
+    def _step(self) -> None:
+        chosen = self._schedule()
+        ids, positions, slices, logit_rows, sampled = [], [], [], [], []
+        for seq, n in chosen:
+            start = len(ids)
+            ids += seq.token_ids(seq.computed, n)
+            positions += range(seq.computed, seq.computed + n)
+            slices.append(SequenceSlice(start, n, seq.cache))
+            if n == seq.pending:  # this chunk ends the known tokens: the next one is due
+                logit_rows.append(len(ids) - 1)
+                sampled.append(seq)
+        batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, torch.tensor(logit_rows, dtype=torch.long))
+        try:
+            with metrics.STEP_SECONDS.time():
+                logits = self.model(batch, self.routed)
+        except Exception as exc:  # noqa: BLE001 - the step's sequences fail, the engine goes on
+            log.warning("step failed for %d sequences: %s", len(chosen), exc, exc_info=not isinstance(exc, MoemeshError))
+            error = exc if isinstance(exc, MoemeshError) else MoemeshError(f"internal error: {type(exc).__name__}")
+            self._fail([seq for seq, _ in chosen], error)
+            return
+        for seq, n in chosen:
+            seq.computed += n
+            seq.cache.length += n
+        tokens, logprobs = sample(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
+        metrics.GENERATED_TOKENS.inc(len(tokens))
+        for seq, token, logprob in zip(sampled, tokens, logprobs):
+            self._advance(seq, token, logprob)
+
+    def _advance(self, seq: Sequence, token: int, logprob: float) -> None:
+        seq.output_ids.append(token)
+        out = StepOutput(token_ids=[token], logprobs=[logprob] if seq.sampling.return_logprobs else [])
+        if token in self.eos_ids:
+            out.finish_reason = "eos"
+        else:
+            out.text, stopped = seq.text.add(token)
+            if stopped:
+                out.finish_reason = "stop"
+            elif len(seq.output_ids) >= seq.sampling.max_new_tokens:
+                out.finish_reason = "length"
+        if out.finish_reason:
+            if out.finish_reason != "stop":
+                out.text += seq.text.flush()
+            out.prompt_tokens, out.completion_tokens = len(seq.prompt_ids), len(seq.output_ids)
+            with self._wakeup:
+                self.running.remove(seq)
+            seq.cache = None
+        seq.emit(out)
+
+    def _fail(self, seqs: list[Sequence], error: MoemeshError) -> None:
+        with self._wakeup:
+            for seq in seqs:
+                self.running.remove(seq)
+        for seq in seqs:
+            seq.cache = None
+            seq.emit(error)

@@ -1,0 +1,129 @@
+"""Generation requests as the engine sees them, converted from and to the public messages.
+
+All request validation happens here, so every bad field is reported as INVALID_ARGUMENT with the
+field's name and the limit it broke.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+from moemesh.errors import InvalidArgument
+from moemesh.v1 import gateway_pb2
+from services.gateway.text import TextCodec
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_context: int
+    default_max_new_tokens: int
+    max_new_tokens_limit: int
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    return_logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    prompt_ids: list[int]
+    sampling: SamplingConfig
+
+
+@dataclass
+class StepOutput:
+    """What one engine step produced for one sequence; the last one carries `finish_reason`."""
+
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+    def to_pb(self) -> gateway_pb2.GenerateResponse:
+        msg = gateway_pb2.GenerateResponse(
+            text=self.text, token_ids=self.token_ids, logprobs=self.logprobs, finish_reason=self.finish_reason
+        )
+        if self.finish_reason:
+            msg.usage.prompt_tokens = self.prompt_tokens
+            msg.usage.completion_tokens = self.completion_tokens
+        return msg
+
+
+def merge(outputs: list[StepOutput]) -> StepOutput:
+    last = outputs[-1]
+    return StepOutput(
+        token_ids=[t for o in outputs for t in o.token_ids],
+        logprobs=[p for o in outputs for p in o.logprobs],
+        text="".join(o.text for o in outputs),
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+    )
+
+
+def from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, limits: Limits) -> GenerationRequest:
+    if msg.prompt_token_ids:
+        prompt_ids = list(msg.prompt_token_ids)
+        for i, token in enumerate(prompt_ids):
+            if not 0 <= token < limits.vocab_size:
+                raise InvalidArgument(
+                    f"prompt_token_ids[{i}]: {token} is outside the vocabulary [0, {limits.vocab_size})"
+                )
+    elif msg.prompt:
+        if text is None:
+            raise InvalidArgument("prompt: this model has no tokenizer.json; send prompt_token_ids instead")
+        prompt_ids = text.encode(msg.prompt)
+    else:
+        raise InvalidArgument("prompt: empty; set prompt or prompt_token_ids")
+    sampling = _sampling_from_pb(msg.sampling, text, limits)
+    total = len(prompt_ids) + sampling.max_new_tokens
+    if total > limits.max_context:
+        raise InvalidArgument(
+            f"sampling.max_new_tokens: prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+            f"({sampling.max_new_tokens}) = {total} exceeds the context length {limits.max_context}"
+        )
+    return GenerationRequest(prompt_ids, sampling)
+
+
+def _sampling_from_pb(msg: gateway_pb2.SamplingParams, text: TextCodec | None, limits: Limits) -> SamplingConfig:
+    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
+    if not 1 <= max_new <= limits.max_new_tokens_limit:
+        raise InvalidArgument(
+            f"sampling.max_new_tokens: {max_new} is outside [1, {limits.max_new_tokens_limit}]"
+        )
+    temperature = msg.temperature if msg.HasField("temperature") else 0.0
+    if math.isnan(temperature) or temperature < 0:
+        raise InvalidArgument(f"sampling.temperature: {temperature} must be a number >= 0 (0 is greedy)")
+    top_p = msg.top_p if msg.HasField("top_p") else 1.0
+    if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
+        raise InvalidArgument(f"sampling.top_p: {top_p} is outside (0, 1]")
+    top_k = msg.top_k if msg.HasField("top_k") else 0
+    if top_k > limits.vocab_size:
+        raise InvalidArgument(f"sampling.top_k: {top_k} exceeds the vocabulary size {limits.vocab_size}")
+    stop = tuple(msg.stop)
+    if stop and text is None:
+        raise InvalidArgument("sampling.stop: this model has no tokenizer.json, so stop strings cannot match")
+    if any(not s for s in stop):
+        raise InvalidArgument("sampling.stop: stop strings must not be empty")
+    return SamplingConfig(
+        max_new_tokens=max_new,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=msg.seed if msg.HasField("seed") else None,
+        stop=stop,
+        return_logprobs=msg.return_logprobs,
+    )

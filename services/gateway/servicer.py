@@ -1,0 +1,45 @@
+"""The public Gateway servicer: converts messages, delegates to the engine, streams results."""
+
+from collections.abc import Iterator
+
+import grpc
+
+from moemesh.config import ModelConfig
+from moemesh.rpc import map_errors
+from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway import requests
+from services.gateway.engine import Engine, Sequence
+
+
+class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
+    def __init__(self, engine: Engine, limits: requests.Limits, cfg: ModelConfig, model_name: str):
+        self.engine, self.limits = engine, limits
+        self.info = gateway_pb2.ModelInfo(
+            model_name=model_name,
+            model_type=cfg.model_type,
+            vocab_size=cfg.vocab_size,
+            num_layers=cfg.num_layers,
+            num_experts=cfg.num_experts,
+            experts_per_token=cfg.experts_per_token,
+            max_context_length=limits.max_context,
+        )
+
+    @map_errors
+    def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext):
+        seq = self._submit(request, context)
+        return requests.merge(list(seq.outputs())).to_pb()
+
+    @map_errors
+    def GenerateStream(self, request, context: grpc.ServicerContext) -> Iterator[gateway_pb2.GenerateResponse]:
+        seq = self._submit(request, context)
+        for output in seq.outputs():
+            yield output.to_pb()
+
+    @map_errors
+    def GetModelInfo(self, request, context) -> gateway_pb2.ModelInfo:
+        return self.info
+
+    def _submit(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Sequence:
+        seq = self.engine.submit(requests.from_pb(request, self.engine.text, self.limits))
+        context.add_callback(lambda: self.engine.cancel(seq))  # the client went away: leave the batch
+        return seq

@@ -1,0 +1,1 @@
+"""Router service: gating, dispatch to expert shards, weighted combine."""

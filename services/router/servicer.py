@@ -1,0 +1,28 @@
+"""The Router gRPC servicer: converts messages and delegates to `RoutedMoE`."""
+
+from collections.abc import Iterator
+
+import torch
+
+from moemesh import codec
+from moemesh.errors import InvalidArgument
+from moemesh.moe import RoutedMoE
+from moemesh.rpc import map_errors
+from moemesh.v1 import router_pb2, router_pb2_grpc
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    def __init__(self, moe: RoutedMoE, hidden_size: int, compute_dtype: torch.dtype, wire_dtype: torch.dtype):
+        self.moe, self.hidden_size = moe, hidden_size
+        self.compute_dtype, self.wire_dtype = compute_dtype, wire_dtype
+
+    @map_errors
+    def Forward(self, requests: Iterator[router_pb2.MoeRequest], context) -> Iterator[router_pb2.MoeResponse]:
+        for request in requests:
+            if request.layer not in self.moe.gates:
+                raise InvalidArgument(f"layer: {request.layer} is not an MoE layer (have {sorted(self.moe.gates)})")
+            hidden = codec.from_pb(request.hidden, self.compute_dtype, field="hidden")
+            if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
+                raise InvalidArgument(f"hidden: shape {list(hidden.shape)}, expected [tokens, {self.hidden_size}]")
+            out = self.moe(request.layer, hidden)
+            yield router_pb2.MoeResponse(request_id=request.request_id, output=codec.to_pb(out, self.wire_dtype))
