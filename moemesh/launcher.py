@@ -40,6 +40,7 @@ class Child:
             match = READY.match(line.strip())
             if match and not self.ready.is_set():
                 self.address = match.group(2)
+                print(f"[{self.name}] ready on {self.address}", flush=True)
                 self.ready.set()
             else:
                 print(f"[{self.name}] {line}", end="", flush=True)
@@ -139,7 +140,7 @@ def up(model: Path, experts: int, replicas: int, host: str, port: int, redis_url
             router = cluster.service("router", "router", common | {"experts": ",".join(addresses), "port": 0})
             router_address = router.wait_ready(START_TIMEOUT_S)
             gateway = cluster.service(
-                "gateway", "gateway", common | {"router": router_address, "redis": redis_url, "port": port}
+                "gateway", "gateway", common | {"router": router_address, "redis": redis_url, "port": port, "metrics-port": 0}
             )
             print(f"gateway listening on {gateway.wait_ready(START_TIMEOUT_S)}", flush=True)
             while not stop.wait(0.5):

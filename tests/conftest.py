@@ -1,0 +1,36 @@
+"""Session-scoped checkpoints and clusters shared by the suite."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import Cluster, make_mixtral
+
+
+@pytest.fixture(scope="session")
+def mixtral_dir(tmp_path_factory) -> Path:
+    """Tiny fp32 Mixtral with the real DeepSeek tokenizer (vocab 129280), no sliding window."""
+    return make_mixtral(tmp_path_factory.mktemp("mixtral"), tokenizer=True)
+
+
+@pytest.fixture(scope="session")
+def mixtral_window_dir(tmp_path_factory) -> Path:
+    """Tiny fp32 Mixtral with an 8-token sliding window, 3 layers, 6 experts, top-2; no tokenizer."""
+    return make_mixtral(
+        tmp_path_factory.mktemp("mixtral-window"), seed=1, sliding_window=8, num_hidden_layers=3, num_local_experts=6
+    )
+
+
+@pytest.fixture(scope="session")
+def cluster(mixtral_dir) -> Cluster:
+    """`moemesh up` on `mixtral_dir`: redis-server, 2 expert shards, router, gateway; fp32 everywhere."""
+    c = Cluster(mixtral_dir, "--experts", "2", "--dtype", "float32")
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="session")
+def window_cluster(mixtral_window_dir) -> Cluster:
+    c = Cluster(mixtral_window_dir, "--experts", "3", "--dtype", "float32")
+    yield c
+    c.close()

