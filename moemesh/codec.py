@@ -47,23 +47,18 @@ def to_pb(tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> tensor
     return tensor_pb2.Tensor(dtype=code, shape=tensor.shape, data=data)
 
 
-def from_pb(
-    msg: tensor_pb2.Tensor, dtype: torch.dtype | None = None, *, field: str = "tensor"
-) -> torch.Tensor:
+def from_pb(msg: tensor_pb2.Tensor, dtype: torch.dtype | None = None, *, field: str = "tensor") -> torch.Tensor:
     """Decode and validate `msg` (errors name `field`), cast to `dtype` when given."""
     wire = _FROM_PB.get(msg.dtype)
     if wire is None:
-        raise InvalidArgument(
-            f"{field}: dtype must be one of FLOAT32, BFLOAT16, FLOAT16 (got {msg.dtype})"
-        )
+        raise InvalidArgument(f"{field}: dtype must be one of FLOAT32, BFLOAT16, FLOAT16 (got {msg.dtype})")
     shape = list(msg.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument(f"{field}: shape {shape} has a negative dimension")
     needed = math.prod(shape) * wire.itemsize
     if len(msg.data) != needed:
         raise InvalidArgument(
-            f"{field}: {len(msg.data)} bytes do not match dtype {_NAMES[wire]} and shape {shape} "
-            f"(needs {needed})"
+            f"{field}: {len(msg.data)} bytes do not match dtype {_NAMES[wire]} and shape {shape} (needs {needed})"
         )
     if needed == 0:
         tensor = torch.empty(shape, dtype=wire)

@@ -50,7 +50,9 @@ class Child:
         if not self.ready.wait(timeout_s):
             raise ClusterError(f"{self.name} did not become ready within {timeout_s:g}s")
         if self.address is None:
-            raise ClusterError(f"{self.name} exited with code {self.proc.wait()} before it was ready (its log is above)")
+            raise ClusterError(
+                f"{self.name} exited with code {self.proc.wait()} before it was ready (its log is above)"
+            )
         return self.address
 
 
@@ -140,7 +142,9 @@ def up(model: Path, experts: int, replicas: int, host: str, port: int, redis_url
             router = cluster.service("router", "router", common | {"experts": ",".join(addresses), "port": 0})
             router_address = router.wait_ready(START_TIMEOUT_S)
             gateway = cluster.service(
-                "gateway", "gateway", common | {"router": router_address, "redis": redis_url, "port": port, "metrics-port": 0}
+                "gateway",
+                "gateway",
+                common | {"router": router_address, "redis": redis_url, "port": port, "metrics-port": 0},
             )
             print(f"gateway listening on {gateway.wait_ready(START_TIMEOUT_S)}", flush=True)
             while not stop.wait(0.5):

@@ -163,4 +163,3 @@ class _OpenStream:
             pending, self._pending = self._pending, {}
         for future in pending.values():
             future.set_exception(error)
-

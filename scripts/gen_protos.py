@@ -43,9 +43,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--out", type=Path, default=REPO_ROOT, help="output root (default: repo root)"
-    )
+    parser.add_argument("--out", type=Path, default=REPO_ROOT, help="output root (default: repo root)")
     out_dir = parser.parse_args().out.resolve()
     for path in generate(out_dir):
         print(path.relative_to(out_dir))

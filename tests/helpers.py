@@ -132,7 +132,9 @@ class Cluster:
         self.up.stop()
 
 
-def stepwise_logits(model_dir: Path, routed_factory, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
+def stepwise_logits(
+    model_dir: Path, routed_factory, prompt: list[int], steps: int
+) -> tuple[list[int], list[torch.Tensor]]:
     """Greedy decoding with our dense model and the given routed experts; logits [V] of every step."""
     from moemesh.checkpoint import Checkpoint
     from moemesh.model import DenseModel, KVCache, SequenceSlice, StepBatch

@@ -53,7 +53,11 @@ def test_bad_input_is_invalid_argument_and_service_stays_up(cluster, fields, mes
 def test_text_prompt_and_model_info(cluster):
     info = cluster.stub.GetModelInfo(gateway_pb2.GetModelInfoRequest(), timeout=10)
     assert (info.model_type, info.vocab_size, info.num_layers, info.num_experts, info.experts_per_token) == (
-        "mixtral", 129280, 2, 4, 2
+        "mixtral",
+        129280,
+        2,
+        4,
+        2,
     )
     response = generate(cluster, prompt="Hello, 世界", sampling=P(max_new_tokens=5))
     assert response.usage.prompt_tokens > 0 and response.usage.completion_tokens == 5

@@ -35,7 +35,8 @@ def test_expert_describe_reports_its_shard(cluster):
     for i in range(len(cluster.experts)):
         info = expert_stub(cluster, i).Describe(expert_pb2.DescribeExpertRequest(), timeout=10)
         held[i] = {(entry.layer, e) for entry in info.layers for e in entry.experts}
-    assert held == {0: {(l, e) for l in range(2) for e in (0, 1)}, 1: {(l, e) for l in range(2) for e in (2, 3)}}
+    expected = {0: (0, 1), 1: (2, 3)}
+    assert held == {shard: {(layer, e) for layer in range(2) for e in experts} for shard, experts in expected.items()}
 
 
 def test_expert_answers_a_valid_request(cluster):

@@ -22,7 +22,9 @@ LOGIT_TOLERANCE = 1e-4
 def local_moe(ckpt) -> RoutedMoE:
     cfg = ckpt.config
     pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-    return RoutedMoE(load_gates(ckpt, torch.float32), LocalExperts(load_experts(ckpt, pairs, torch.float32)), cfg.num_experts)
+    return RoutedMoE(
+        load_gates(ckpt, torch.float32), LocalExperts(load_experts(ckpt, pairs, torch.float32)), cfg.num_experts
+    )
 
 
 def max_logit_diff(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:

@@ -47,6 +47,7 @@ class ExpertShard:
         total = sum(g.num_tokens for g in groups)
         if rows.shape != (total, self.hidden_size):
             raise InvalidArgument(
-                f"hidden: shape {list(rows.shape)} does not match the groups' {total} tokens x hidden {self.hidden_size}"
+                f"hidden: shape {list(rows.shape)} does not match the groups' {total} tokens"
+                f" x hidden {self.hidden_size}"
             )
         return self.run(layer, groups, rows)

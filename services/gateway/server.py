@@ -46,7 +46,11 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     service = Service("gateway", settings.host, settings.port, workers=settings.workers)
     servicer = GatewayServicer(engine, limits, cfg, ckpt.dir.name)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, service.server)
-    names = (gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name, "grpc.health.v1.Health", reflection.SERVICE_NAME)
+    names = (
+        gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
+        "grpc.health.v1.Health",
+        reflection.SERVICE_NAME,
+    )
     reflection.enable_server_reflection(names, service.server)
     return service, engine
 

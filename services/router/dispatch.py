@@ -25,9 +25,11 @@ class RemoteExperts:
             start += g.num_tokens
         calls = []
         for replica, parts in segments.items():
-            sent = torch.cat([rows[s : s + g.num_tokens] for g, s in parts]) if len(parts) > 1 else rows[
-                parts[0][1] : parts[0][1] + parts[0][0].num_tokens
-            ]
+            sent = (
+                torch.cat([rows[s : s + g.num_tokens] for g, s in parts])
+                if len(parts) > 1
+                else rows[parts[0][1] : parts[0][1] + parts[0][0].num_tokens]
+            )
             request = expert_pb2.ExpertRequest(
                 layer=layer,
                 groups=[expert_pb2.ExpertGroup(expert=g.expert, num_tokens=g.num_tokens) for g, _ in parts],

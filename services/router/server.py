@@ -20,7 +20,9 @@ def create_service(settings: RouterSettings) -> Service:
     wire = settings.wire_torch_dtype(dtype)
     replicas = [ExpertReplica.connect(a, ckpt.fingerprint, settings.call_timeout_s) for a in settings.experts]
     placement = Placement(replicas, cfg.moe_layers, cfg.num_experts)
-    moe = RoutedMoE(load_gates(ckpt, dtype), RemoteExperts(placement, dtype, wire, settings.call_timeout_s), cfg.num_experts)
+    moe = RoutedMoE(
+        load_gates(ckpt, dtype), RemoteExperts(placement, dtype, wire, settings.call_timeout_s), cfg.num_experts
+    )
     service = Service("router", settings.host, settings.port)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(moe, cfg.hidden_size, dtype, wire), service.server)
     return service
