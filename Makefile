@@ -1,7 +1,7 @@
 PYTHON := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install protos test demo clean
+.PHONY: install protos test demo bench clean
 
 install: protos
 	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
@@ -23,6 +23,9 @@ test: install
 
 demo: install
 	bash scripts/demo.sh
+
+bench: install
+	$(PYTHON) -m bench.throughput $(BENCH_ARGS)
 
 clean:
 	rm -rf moemesh/v1

@@ -1,0 +1,506 @@
+"""Throughput, side by side in one run: the distributed cluster vs the same engine in one process.
+
+(a) distributed: `moemesh up --experts N --port 0` (gateway, router, N expert shards and redis-server as
+    real subprocesses); the bench sends `GenerateStream` calls from a pool of client threads.
+(b) in-process: `build_engine(GatewaySettings(model=...))` without a router (the experts run in the
+    engine's process), requests submitted from threads and drained with `seq.outputs()`.
+
+Both sides run the same fixed requests (deterministic token-id prompts of mixed lengths, greedy,
+`--max-new-tokens` each), c at a time in a closed loop for each concurrency c, after one warm-up
+request. The in-process side runs first and its engine is stopped and freed before the cluster
+starts, so the two never compete for the CPUs. Reports, per (side, concurrency): generated tokens,
+wall seconds, tokens/s, mean time to first token, engine steps and mean step time (from the gateway's
+`moemesh_gateway_step_seconds` histogram); then the distributed / in-process ratio per concurrency.
+
+    .venv/bin/python -m bench.throughput [--model DIR] [--concurrency 1,16] [--max-new-tokens 64]
+        [--experts 2] [--requests N] [--service-threads N] [--markdown] [--profile]
+"""
+
+import argparse
+import gc
+import os
+import random
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+PROMPT_LENGTHS = (16, 96, 8, 200, 48, 128, 24, 64)  # request i gets PROMPT_LENGTHS[i % 8] tokens
+PROMPT_SEED = 20240601
+FIRST_TOKEN_ID = 1000  # prompts avoid the low ids (special tokens of the DeepSeek vocabulary)
+WARMUP_INDEX = -1
+START_TIMEOUT_S = 300
+REQUEST_TIMEOUT_S = 900
+STEP_METRIC = "moemesh_gateway_step_seconds"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Workload and results
+
+
+def prompt(index: int, vocab_size: int) -> list[int]:
+    """The fixed prompt of request `index` (the warm-up is index -1): same ids on every run and side."""
+    rng = random.Random(PROMPT_SEED * 1_000_003 + index)
+    length = 32 if index == WARMUP_INDEX else PROMPT_LENGTHS[index % len(PROMPT_LENGTHS)]
+    return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(length)]
+
+
+@dataclass
+class RequestResult:
+    index: int
+    token_ids: list[int]
+    ttft_s: float
+    latency_s: float
+
+
+@dataclass
+class LevelResult:
+    side: str
+    concurrency: int
+    results: list[RequestResult]
+    wall_s: float
+    steps: float | None = None  # engine steps during the level
+    step_s: float | None = None  # their summed wall time
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(r.token_ids) for r in self.results)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s
+
+    @property
+    def mean_ttft_ms(self) -> float:
+        return 1000 * sum(r.ttft_s for r in self.results) / len(self.results)
+
+    @property
+    def mean_step_ms(self) -> float | None:
+        return 1000 * self.step_s / self.steps if self.steps else None
+
+
+StepStats = Callable[[], tuple[float, float]]  # -> (count, sum) of the step-seconds histogram
+
+
+def run_level(side: str, concurrency: int, num_requests: int, vocab_size: int,
+              one: Callable[[int, list[int]], RequestResult], step_stats: StepStats) -> LevelResult:  # fmt: skip
+    """`num_requests` requests, `concurrency` at a time: each client thread takes the next one when done."""
+    prompts = [prompt(i, vocab_size) for i in range(num_requests)]
+    next_index = iter(range(num_requests))
+    lock = threading.Lock()
+    start = threading.Barrier(concurrency + 1)
+
+    def client() -> list[RequestResult]:
+        done = []
+        start.wait()
+        while True:
+            with lock:
+                index = next(next_index, None)
+            if index is None:
+                return done
+            done.append(one(index, prompts[index]))
+
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"client-{side}") as pool:
+        futures = [pool.submit(client) for _ in range(concurrency)]
+        steps0, step_s0 = step_stats()
+        t0 = time.perf_counter()
+        start.wait()
+        results = [r for f in futures for r in f.result()]
+        wall = time.perf_counter() - t0
+        steps1, step_s1 = step_stats()
+    results.sort(key=lambda r: r.index)
+    level = LevelResult(side, concurrency, results, wall, steps1 - steps0, step_s1 - step_s0)
+    print(
+        f"  {side:<12} {concurrency:>3} streams: {level.tokens} tokens in {wall:.2f} s = "
+        f"{level.tokens_per_s:.1f} tok/s, mean TTFT {level.mean_ttft_ms:.1f} ms, "
+        f"{level.steps:.0f} steps of {level.mean_step_ms or 0:.1f} ms",
+        flush=True,
+    )
+    return level
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optional profile: where an engine step's time goes (MoE calls vs the rest), measured in this process
+
+
+class TimedRouted:
+    """Wraps an engine's `RoutedExperts`, summing the wall time of its calls (gate+experts+combine+wire)."""
+
+    def __init__(self, routed):
+        self.routed, self.seconds, self.calls = routed, 0.0, 0
+
+    def __call__(self, layer, hidden):
+        t0 = time.perf_counter()
+        try:
+            return self.routed(layer, hidden)
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+
+
+@dataclass
+class Profile:
+    label: str
+    steps: float
+    step_s: float
+    moe_s: float
+    moe_calls: int
+
+    def line(self) -> str:
+        per_step = lambda s: 1000 * s / self.steps  # noqa: E731
+        return (
+            f"  {self.label:<42} {self.steps:>5.0f} steps, {per_step(self.step_s):6.1f} ms/step: "
+            f"MoE calls {per_step(self.moe_s):6.1f} ms ({self.moe_calls / self.steps:.0f}/step), "
+            f"rest {per_step(self.step_s - self.moe_s):6.1f} ms"
+        )
+
+
+def profile_engine(label: str, engine, concurrency: int, num_requests: int, vocab_size: int, max_new: int) -> Profile:
+    from prometheus_client import REGISTRY
+
+    timed = TimedRouted(engine.routed)
+    engine.routed = timed
+    stats = lambda: _registry_step_stats(REGISTRY)  # noqa: E731
+    level = run_level("profile", concurrency, num_requests, vocab_size, _engine_client(engine, max_new), stats)
+    engine.routed = timed.routed
+    return Profile(label, level.steps, level.step_s, timed.seconds, timed.calls)
+
+
+# ---------------------------------------------------------------------------------------------------
+# (b) in-process
+
+
+def _registry_step_stats(registry) -> tuple[float, float]:
+    return (
+        registry.get_sample_value(f"{STEP_METRIC}_count") or 0.0,
+        registry.get_sample_value(f"{STEP_METRIC}_sum") or 0.0,
+    )
+
+
+def _engine_client(engine, max_new: int) -> Callable[[int, list[int]], RequestResult]:
+    from services.gateway.requests import GenerationRequest, SamplingConfig
+
+    sampling = SamplingConfig(max_new_tokens=max_new, temperature=0.0)
+
+    def one(index: int, ids: list[int]) -> RequestResult:
+        t0 = time.perf_counter()
+        seq = engine.submit(GenerationRequest(list(ids), sampling))
+        tokens, ttft = [], None
+        for out in seq.outputs():
+            if out.token_ids and ttft is None:
+                ttft = time.perf_counter() - t0
+            tokens += out.token_ids
+        return RequestResult(index, tokens, ttft, time.perf_counter() - t0)
+
+    return one
+
+
+def run_in_process(model: Path, levels: list[int], num_requests: int, vocab_size: int, max_new: int,
+                   profile: bool) -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
+    from prometheus_client import REGISTRY
+
+    from moemesh.settings import GatewaySettings
+    from services.gateway.server import build_engine
+
+    engine, _ = build_engine(GatewaySettings(model=model))
+    engine.start()
+    try:
+        one = _engine_client(engine, max_new)
+        one(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
+        stats = lambda: _registry_step_stats(REGISTRY)  # noqa: E731
+        results = [run_level("in-process", c, num_requests, vocab_size, one, stats) for c in levels]
+        prof = None
+        if profile:
+            prof = profile_engine("in-process engine", engine, max(levels), num_requests, vocab_size, max_new)
+        return results, prof
+    finally:
+        engine.stop()
+        del engine
+        gc.collect()
+
+
+# ---------------------------------------------------------------------------------------------------
+# (a) distributed: `moemesh up` as a subprocess in its own session
+
+
+class UpProcess:
+    """`moemesh up` in a new session (so that everything it starts can be found and checked at the end)."""
+
+    def __init__(self, model: Path, experts: int, service_threads: int = 0):
+        self.argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model),
+                     "--experts", str(experts), "--port", "0"]  # fmt: skip
+        env = os.environ | ({"MOEMESH_THREADS": str(service_threads)} if service_threads else {})
+        self.proc = subprocess.Popen(
+            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            text=True, bufsize=1, start_new_session=True, env=env,
+        )  # fmt: skip
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, name="up-output", daemon=True).start()
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            with self._changed:
+                self.lines.append(line.rstrip("\n"))
+                self._changed.notify_all()
+        with self._changed:
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str, timeout_s: float = START_TIMEOUT_S) -> re.Match:
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout_s
+        with self._changed:
+            while True:
+                for line in self.lines:
+                    if match := regex.search(line):
+                        return match
+                left = deadline - time.monotonic()
+                if left <= 0 or self.proc.poll() is not None:
+                    tail = "\n".join(self.lines[-40:])
+                    raise RuntimeError(f"`moemesh up` printed no line matching {pattern!r}; its output:\n{tail}")
+                self._changed.wait(min(left, 1.0))
+
+    def session_members(self) -> list[str]:
+        """Live (non-zombie) processes of the session `moemesh up` leads: 'pid name' each."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp session ...
+            if int(fields[3]) == self.proc.pid and fields[0] != "Z":
+                found.append(f"{entry.name} {name}")
+        return found
+
+    def stop(self, timeout_s: float = 60) -> tuple[int | None, list[str]]:
+        """SIGTERM, wait; returns `up`'s exit code and whatever of its session was still alive after it."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            code = self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            code = None
+        left: list[str] = []
+        deadline = time.monotonic() + 10
+        while (left := self.session_members()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if left or code is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait()
+        return code, left
+
+
+def _scrape_step_stats(address: str) -> tuple[float, float]:
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    values = []
+    for suffix in ("_count", "_sum"):
+        match = re.search(rf"^{STEP_METRIC}{suffix} (\S+)$", text, re.MULTILINE)
+        values.append(float(match.group(1)) if match else 0.0)
+    return values[0], values[1]
+
+
+def run_distributed(model: Path, experts: int, levels: list[int], num_requests: int, vocab_size: int, max_new: int,
+                    profile: bool, service_threads: int) -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
+    import grpc
+
+    from moemesh.rpc import CHANNEL_OPTIONS
+    from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
+
+    up = UpProcess(model, experts, service_threads)
+    try:
+        address = up.wait_for(r"^gateway listening on (\S+)").group(1)
+        router = up.wait_for(r"^\[router\] ready on (\S+)").group(1)
+        metrics = up.wait_for(r"gateway metrics on (\S+)").group(1)
+        print(f"  cluster up: gateway {address}, router {router}, {experts} expert shards", flush=True)
+        channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        sampling = gateway_pb2.SamplingParams(max_new_tokens=max_new, temperature=0.0)
+
+        def one(index: int, ids: list[int]) -> RequestResult:
+            request = gateway_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling)
+            t0 = time.perf_counter()
+            tokens, ttft = [], None
+            for msg in stub.GenerateStream(request, timeout=REQUEST_TIMEOUT_S):
+                if msg.token_ids and ttft is None:
+                    ttft = time.perf_counter() - t0
+                tokens += msg.token_ids
+            return RequestResult(index, tokens, ttft, time.perf_counter() - t0)
+
+        one(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
+        stats = lambda: _scrape_step_stats(metrics)  # noqa: E731
+        results = [run_level("distributed", c, num_requests, vocab_size, one, stats) for c in levels]
+        channel.close()
+        prof = None
+        if profile:  # the gateway's engine, rebuilt in this process over the cluster's router
+            import torch
+
+            from moemesh.settings import GatewaySettings
+            from services.gateway.server import build_engine
+
+            engine, _ = build_engine(GatewaySettings(model=model, router=router))
+            threads = torch.get_num_threads()
+            torch.set_num_threads(service_threads or threads)  # as the gateway service would run it
+            engine.start()
+            try:
+                _engine_client(engine, max_new)(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
+                label = "engine over the cluster's router (gRPC)"
+                prof = profile_engine(label, engine, max(levels), num_requests, vocab_size, max_new)
+            finally:
+                engine.stop()
+                engine.routed.client.close()
+                torch.set_num_threads(threads)
+        return results, prof
+    finally:
+        code, left = up.stop()
+        stopped = (
+            f"cluster stopped with SIGTERM: `moemesh up` exit code {code}; "
+            f"processes left in its session: {', '.join(left) if left else 'none'}"
+        )
+        print(f"  {stopped}", flush=True)
+        if code is None or left:
+            print("  (they were killed with SIGKILL)", flush=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Report
+
+
+def _command_line() -> str:
+    exe = sys.executable
+    rel = os.path.relpath(exe)
+    return shlex.join([rel if not rel.startswith("..") else exe, "-m", "bench.throughput", *sys.argv[1:]])
+
+
+def _load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(inproc: list[LevelResult], dist: list[LevelResult], markdown: bool) -> None:
+    header = ["side", "streams", "requests", "tokens", "wall s", "tok/s", "mean TTFT ms", "steps", "mean step ms"]
+    rows = [
+        [
+            r.side,
+            str(r.concurrency),
+            str(len(r.results)),
+            str(r.tokens),
+            f"{r.wall_s:.2f}",
+            f"{r.tokens_per_s:.1f}",
+            f"{r.mean_ttft_ms:.1f}",
+            _fmt(r.steps, ".0f"),
+            _fmt(r.mean_step_ms, ".1f"),
+        ]
+        for pair in zip(inproc, dist)
+        for r in pair
+    ]
+    ratio_header = ["streams", "in-process tok/s", "distributed tok/s", "ratio dist/in-proc",
+                    "TTFT ratio dist/in-proc", "identical greedy outputs"]  # fmt: skip
+    ratio_rows = []
+    for a, b in zip(inproc, dist):
+        same = sum(x.token_ids == y.token_ids for x, y in zip(a.results, b.results))
+        ratio_rows.append([
+            str(a.concurrency), f"{a.tokens_per_s:.1f}", f"{b.tokens_per_s:.1f}",
+            f"{b.tokens_per_s / a.tokens_per_s:.2f}", f"{b.mean_ttft_ms / a.mean_ttft_ms:.2f}",
+            f"{same}/{len(a.results)}",
+        ])  # fmt: skip
+    print()
+    _table(header, rows, markdown)
+    print()
+    _table(ratio_header, ratio_rows, markdown)
+
+
+def _table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
+    if markdown:
+        print("| " + " | ".join(header) + " |")
+        print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
+        for row in rows:
+            print("| " + " | ".join(row) + " |")
+        return
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    for row in rows:
+        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.throughput", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled demo model)")
+    parser.add_argument("--concurrency", default="1,16", help="comma-separated concurrent streams (default 1,16)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="tokens generated per request (default 64)")
+    parser.add_argument("--experts", type=int, default=2, help="expert shards of the cluster (default 2)")
+    parser.add_argument("--requests", type=int, default=0,
+                        help="requests per concurrency level (default: 2 x the largest concurrency)")  # fmt: skip
+    parser.add_argument(
+        "--service-threads",
+        type=int,
+        default=0,
+        help="torch threads of each cluster service (MOEMESH_THREADS; default 0: torch's default, one per core)",
+    )
+    parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
+    parser.add_argument(
+        "--profile", action="store_true", help="also time an engine step's MoE calls, in-process and over the router"
+    )
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    if not levels or min(levels) < 1 or args.max_new_tokens < 1 or args.experts < 1:
+        parser.error("--concurrency, --max-new-tokens and --experts must be positive")
+    num_requests = args.requests or 2 * max(levels)
+
+    print(f"command: {_command_line()}", flush=True)
+    import torch
+
+    from moemesh import demo_model
+    from moemesh.config import ModelConfig
+
+    model = (args.model or demo_model.ensure()).resolve()
+    cfg = ModelConfig.from_dir(model)
+    lengths = [len(prompt(i, cfg.vocab_size)) for i in range(num_requests)]
+    print(
+        f"model: {model} ({cfg.model_type}, {cfg.checkpoint_dtype}, vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, "
+        f"{cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.experts_per_token})\n"
+        f"workload: {num_requests} requests per level, prompts of {min(lengths)}-{max(lengths)} tokens "
+        f"(mean {sum(lengths) / len(lengths):.0f}), greedy, {args.max_new_tokens} new tokens each; "
+        f"concurrency {','.join(map(str, levels))}; warm-up: 1 request per side\n"
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads; {_load()}",
+        flush=True,
+    )
+    print(f"in-process (experts in the engine's process, no gRPC); {_load()}", flush=True)
+    inproc, prof_in = run_in_process(model, levels, num_requests, cfg.vocab_size, args.max_new_tokens, args.profile)
+    threads = f"MOEMESH_THREADS={args.service_threads}" if args.service_threads else "default torch threads"
+    print(
+        f"distributed (moemesh up --experts {args.experts}, {threads}, GenerateStream over gRPC); {_load()}", flush=True
+    )
+    dist, prof_dist = run_distributed(
+        model, args.experts, levels, num_requests, cfg.vocab_size, args.max_new_tokens, args.profile,
+        args.service_threads,
+    )  # fmt: skip
+    print(f"done; {_load()}")
+    report(inproc, dist, args.markdown)
+    if prof_in and prof_dist:
+        print(f"\nprofile at {max(levels)} streams (engine steps timed in this process):")
+        print(prof_in.line())
+        print(prof_dist.line())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
