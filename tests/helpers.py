@@ -48,9 +48,9 @@ def make_mixtral(path: Path, *, seed: int = 0, tokenizer: bool = False, **overri
 
 def hf_greedy(model_dir: Path, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """`transformers` greedy tokens and the logits [V] before each of them."""
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = model.generate(
         torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, output_logits=True,
         return_dict_in_generate=True, pad_token_id=0,

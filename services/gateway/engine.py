@@ -10,8 +10,8 @@ import queue
 import random
 import threading
 from collections import deque
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -155,12 +155,14 @@ class Engine:
             if n == seq.pending:  # this chunk ends the known tokens: the next one is due
                 logit_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, torch.tensor(logit_rows, dtype=torch.long))
+        rows = torch.tensor(logit_rows, dtype=torch.long)  # may be empty: a step of prefill chunks only
+        batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows)
         try:
             with metrics.STEP_SECONDS.time():
                 logits = self.model(batch, self.routed)
         except Exception as exc:  # noqa: BLE001 - the step's sequences fail, the engine goes on
-            log.warning("step failed for %d sequences: %s", len(chosen), exc, exc_info=not isinstance(exc, MoemeshError))
+            trace = not isinstance(exc, MoemeshError)
+            log.warning("step failed for %d sequences: %s", len(chosen), exc, exc_info=trace)
             error = exc if isinstance(exc, MoemeshError) else MoemeshError(f"internal error: {type(exc).__name__}")
             self._fail([seq for seq, _ in chosen], error)
             return
