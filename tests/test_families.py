@@ -1,12 +1,17 @@
 """Every family against the `transformers` class of the same name: in one process, distributed, and in bf16."""
 
+import re
+import subprocess
+import sys
+
+import grpc
 import pytest
 import torch
 
 from moemesh.checkpoint import Checkpoint
 from moemesh.model import DenseModel, KVCache, SequenceSlice, StepBatch, load_experts, load_gates
 from moemesh.moe import LocalExperts, RoutedMoE
-from moemesh.v1 import gateway_pb2
+from moemesh.v1 import expert_pb2, expert_pb2_grpc, gateway_pb2
 from services.gateway.router_client import RouterClient
 from tests.family_checkpoints import FAMILIES
 from tests.helpers import Cluster, hf_greedy, stepwise_logits
@@ -47,8 +52,27 @@ def test_distributed_path_matches_transformers(family, family_dirs):
         tokens, logits = stepwise_logits(model_dir, router, PROMPT, STEPS)
         assert tokens == hf_tokens
         assert max_logit_diff(logits, hf_logits) < LOGIT_TOLERANCE
+        assert shard_bytes_served(cluster) == shard_bytes_inspected(model_dir, shards=2)
     finally:
         cluster.close()
+
+
+def shard_bytes_inspected(model_dir, shards: int) -> list[int]:
+    out = subprocess.run(
+        [sys.executable, "-m", "moemesh.cli", "inspect", str(model_dir), "--shards", str(shards), "--dtype", "float32"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    return [int(n.replace(",", "")) for n in re.findall(r"shard \d+/\d+: .*?([\d,]+) bytes", out)]
+
+
+def shard_bytes_served(cluster: Cluster) -> list[int]:
+    """What each expert process reports holding, in shard order."""
+    sizes = []
+    for address in cluster.experts:
+        with grpc.insecure_channel(address) as channel:
+            info = expert_pb2_grpc.ExpertStub(channel).Describe(expert_pb2.DescribeExpertRequest(), timeout=10)
+        sizes.append(info.parameter_bytes)
+    return sizes
 
 
 def prompt_logits(model_dir, dtype: torch.dtype) -> torch.Tensor:
