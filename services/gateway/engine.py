@@ -73,9 +73,16 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: DenseModel, routed: RoutedExperts, config: EngineConfig, text: TextCodec | None):
+    def __init__(
+        self,
+        model: DenseModel,
+        routed: RoutedExperts,
+        config: EngineConfig,
+        text: TextCodec | None,
+        eos_ids: tuple[int, ...],
+    ):
         self.model, self.routed, self.config, self.text = model, routed, config, text
-        self.eos_ids = set(model.cfg.eos_token_ids)
+        self.eos_ids = set(eos_ids)
         self.dtype = model.embed_tokens.weight.dtype
         self.running: list[Sequence] = []
         self._waiting: deque[Sequence] = deque()

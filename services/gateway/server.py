@@ -10,6 +10,7 @@ from moemesh.moe import LocalExperts, RoutedMoE
 from moemesh.rpc import Service
 from moemesh.settings import GatewaySettings
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway.chat_template import eos_token_ids
 from services.gateway.engine import Engine, EngineConfig
 from services.gateway.requests import Limits
 from services.gateway.router_client import RouterClient
@@ -30,7 +31,9 @@ def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
     config = EngineConfig(settings.max_batch_seqs, settings.max_batch_tokens, settings.max_waiting)
-    engine = Engine(DenseModel.from_checkpoint(ckpt, dtype), routed, config, TextCodec.from_dir(settings.model))
+    text = TextCodec.from_dir(settings.model)
+    eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids
+    engine = Engine(DenseModel.from_checkpoint(ckpt, dtype), routed, config, text, eos_ids)
     return engine, ckpt
 
 
