@@ -24,7 +24,8 @@ def sample(
 
 
 def _sample_one(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator) -> int:
-    scores = logits / cfg.temperature  # [V]
+    # shifted so the best score is 0: logits / T alone overflows to inf for tiny T, and softmax(inf) is NaN
+    scores = (logits - logits.max()) / cfg.temperature  # [V]
     if cfg.top_k:
         kth = scores.topk(min(cfg.top_k, scores.shape[0])).values[-1]
         scores = scores.masked_fill(scores < kth, float("-inf"))

@@ -140,3 +140,20 @@ def test_logprobs_are_log_softmax_of_the_model_logits(logits):
             assert logprobs[i] <= 0.0
         else:
             assert logprobs[i] == 0.0
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 1e-38, 1e-30])
+def test_tiny_temperature_is_argmax_not_an_error(logits, temperature):
+    """logits / T overflows float32 to inf for tiny T; softmax of inf is NaN and multinomial raises,
+    which in the engine's step killed the engine thread for every request."""
+    for top in ({}, {"top_k": 5}, {"top_p": 0.9}):
+        c = cfg(temperature=temperature, return_logprobs=True, **top)
+        tokens, logprobs = sample(logits, [c] * len(logits), [gen(i) for i in range(len(logits))])
+        assert tokens == logits.argmax(dim=-1).tolist()
+        assert all(lp <= 0.0 for lp in logprobs)
+
+
+def test_infinite_temperature_samples_every_token():
+    logits = torch.tensor([5.0, 0.0, -5.0])
+    seen = draws(logits, cfg(temperature=float("inf")), gen(11), 200)
+    assert set(seen) == {0, 1, 2}

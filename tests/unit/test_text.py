@@ -139,13 +139,25 @@ def test_held_back_prefix_is_released_by_flush(codec):
     assert stream.flush() == ""  # nothing is returned twice
 
 
-def test_nothing_emitted_after_a_stop(codec):
-    text = "alpha beta gamma"
-    stream = TextStream(codec, (" beta",))
-    ids = codec.encode(text)
-    deltas, stopped_at = feed(stream, ids)
-    assert stopped_at is not None and "".join(deltas) == "alpha"
-    assert "beta" not in "".join(deltas)
+def test_earlier_partial_match_is_released_and_the_later_full_match_stops(codec):
+    text = "the beginning and the end of it"
+    stream = TextStream(codec, ("the end",))
+    deltas, stopped_at = feed(stream, codec.encode(text))
+    assert stopped_at is not None
+    assert "".join(deltas) == "the beginning and "
+
+
+def test_self_overlapping_stop_string():
+    """'aab' in 'xaaab': the held-back 'aa' shifts by one character before the match completes."""
+
+    class Chars:  # one character per token, so every shift of the held-back text is exercised
+        def decode(self, ids):
+            return "".join(map(chr, ids))
+
+    stream = TextStream(Chars(), ("aab",))
+    deltas, stopped_at = feed(stream, [ord(c) for c in "xaaabz"])
+    assert stopped_at == 4
+    assert "".join(deltas) == "xa"
 
 
 def test_without_a_codec_no_text():
