@@ -156,6 +156,11 @@ def load_config(model_dir: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: no config.json in the model directory") from None
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    return read_config(raw)
+
+
+def read_config(raw: dict[str, Any]) -> ModelConfig:
+    """Our config from a parsed `config.json`, by its family's reader."""
     return family(raw.get("model_type")).read_config(raw)
 
 

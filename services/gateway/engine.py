@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moemesh.errors import Cancelled, MoemeshError, ResourceExhausted
+from moemesh.errors import Cancelled, MoemeshError, ResourceExhausted, Unavailable
 from moemesh.model import DenseModel, KVCache, RoutedExperts, SequenceSlice, StepBatch
 from services.gateway import metrics
 from services.gateway.requests import GenerationRequest, StepOutput
@@ -94,10 +94,15 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stops stepping; every sequence still running or waiting ends with UNAVAILABLE."""
         with self._wakeup:
             self._stopped = True
             self._wakeup.notify()
         self._thread.join()
+        left = [*self.running, *self._waiting]
+        self.running, self._waiting = [], deque()
+        for seq in left:
+            seq.emit(Unavailable("the gateway is shutting down; retry on another replica"))
 
     def submit(self, request: GenerationRequest) -> Sequence:
         seq = Sequence(request, TextStream(self.text, request.sampling.stop))
@@ -142,7 +147,7 @@ class Engine:
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """Decode tokens first (one each), then prefill chunks while the token budget lasts."""
         budget = self.config.max_batch_tokens
-        chosen = [(s, 1) for s in self.running if s.pending == 1]
+        chosen = [(s, 1) for s in self.running if s.pending == 1][:budget]
         budget -= len(chosen)
         for seq in self.running:
             if seq.pending > 1 and budget > 0:
@@ -167,19 +172,18 @@ class Engine:
         try:
             with metrics.STEP_SECONDS.time():
                 logits = self.model(batch, self.routed)
+            for seq, n in chosen:
+                seq.computed += n
+                seq.cache.length += n
+            tokens, logprobs = sample(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
+            metrics.GENERATED_TOKENS.inc(len(tokens))
+            for seq, token, logprob in zip(sampled, tokens, logprobs):
+                self._advance(seq, token, logprob)
         except Exception as exc:  # noqa: BLE001 - the step's sequences fail, the engine goes on
             trace = not isinstance(exc, MoemeshError)
             log.warning("step failed for %d sequences: %s", len(chosen), exc, exc_info=trace)
             error = exc if isinstance(exc, MoemeshError) else MoemeshError(f"internal error: {type(exc).__name__}")
-            self._fail([seq for seq, _ in chosen], error)
-            return
-        for seq, n in chosen:
-            seq.computed += n
-            seq.cache.length += n
-        tokens, logprobs = sample(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
-        metrics.GENERATED_TOKENS.inc(len(tokens))
-        for seq, token, logprob in zip(sampled, tokens, logprobs):
-            self._advance(seq, token, logprob)
+            self._fail([seq for seq, _ in chosen if seq in self.running], error)
 
     def _advance(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.output_ids.append(token)

@@ -88,7 +88,12 @@ def from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, limits: Li
         prompt_ids = text.encode(msg.prompt)
     else:
         raise InvalidArgument("prompt: empty; set prompt or prompt_token_ids")
-    sampling = _sampling_from_pb(msg.sampling, text, limits)
+    room = limits.max_context - len(prompt_ids)
+    if room < 1:
+        raise InvalidArgument(
+            f"prompt: {len(prompt_ids)} tokens leave no room in the context length {limits.max_context}"
+        )
+    sampling = _sampling_from_pb(msg.sampling, text, limits, room)
     total = len(prompt_ids) + sampling.max_new_tokens
     if total > limits.max_context:
         raise InvalidArgument(
@@ -98,12 +103,13 @@ def from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, limits: Li
     return GenerationRequest(prompt_ids, sampling)
 
 
-def _sampling_from_pb(msg: gateway_pb2.SamplingParams, text: TextCodec | None, limits: Limits) -> SamplingConfig:
-    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
+def _sampling_from_pb(
+    msg: gateway_pb2.SamplingParams, text: TextCodec | None, limits: Limits, room: int
+) -> SamplingConfig:
+    """`room`: context positions left after the prompt; an unset max_new_tokens is capped by it."""
+    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else min(limits.default_max_new_tokens, room)
     if not 1 <= max_new <= limits.max_new_tokens_limit:
-        raise InvalidArgument(
-            f"sampling.max_new_tokens: {max_new} is outside [1, {limits.max_new_tokens_limit}]"
-        )
+        raise InvalidArgument(f"sampling.max_new_tokens: {max_new} is outside [1, {limits.max_new_tokens_limit}]")
     temperature = msg.temperature if msg.HasField("temperature") else 0.0
     if math.isnan(temperature) or temperature < 0:
         raise InvalidArgument(f"sampling.temperature: {temperature} must be a number >= 0 (0 is greedy)")

@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemesh.quant import INT8PACK_MAX_ROWS, Int8Linear, dequantize_weight, parameter_bytes, quantize_int8, quantize_weight
+from moemesh.quant import (
+    INT8PACK_MAX_ROWS,
+    Int8Linear,
+    dequantize_weight,
+    parameter_bytes,
+    quantize_int8,
+    quantize_weight,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
