@@ -35,13 +35,14 @@ class EngineConfig:
 class Sequence:
     """One request's state in the engine; the caller reads its outputs with `outputs()`."""
 
-    def __init__(self, request: GenerationRequest, text: TextStream):
+    def __init__(self, request: GenerationRequest, text: TextStream, cache: KVCache | None):
         self.prompt_ids = request.prompt_ids
         self.sampling = request.sampling
         self.text = text
         self.output_ids: list[int] = []
-        self.computed = 0  # tokens whose keys/values are in the cache
-        self.cache: KVCache | None = None
+        self.cache = cache
+        self.cached = cache.length if cache else 0  # prompt tokens whose keys/values came precomputed
+        self.computed = self.cached  # tokens whose keys/values are in the cache
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.cancelled = False
@@ -104,8 +105,13 @@ class Engine:
         for seq in left:
             seq.emit(Unavailable("the gateway is shutting down; retry on another replica"))
 
-    def submit(self, request: GenerationRequest) -> Sequence:
-        seq = Sequence(request, TextStream(self.text, request.sampling.stop))
+    def new_cache(self, request: GenerationRequest) -> KVCache:
+        """An empty cache with room for the whole sequence."""
+        return KVCache(self.model.cfg, len(request.prompt_ids) + request.sampling.max_new_tokens, self.dtype)
+
+    def submit(self, request: GenerationRequest, cache: KVCache | None = None) -> Sequence:
+        """Queues a request; `cache` (from `new_cache`) may hold keys/values of a prompt prefix already."""
+        seq = Sequence(request, TextStream(self.text, request.sampling.stop), cache)
         with self._wakeup:
             if len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(f"waiting queue is full ({self.config.max_waiting} requests); retry later")
@@ -141,7 +147,8 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and len(self.running) < self.config.max_batch_seqs:
             seq = self._waiting.popleft()
-            seq.cache = KVCache(self.model.cfg, len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.dtype)
+            if seq.cache is None:
+                seq.cache = KVCache(self.model.cfg, len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.dtype)
             self.running.append(seq)
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
@@ -200,9 +207,9 @@ class Engine:
             if out.finish_reason != "stop":
                 out.text += seq.text.flush()
             out.prompt_tokens, out.completion_tokens = len(seq.prompt_ids), len(seq.output_ids)
+            out.cached_tokens = seq.cached
             with self._wakeup:
-                self.running.remove(seq)
-            seq.cache = None
+                self.running.remove(seq)  # its cache stays with the caller, which may store it for the session
         seq.emit(out)
 
     def _fail(self, seqs: list[Sequence], error: MoemeshError) -> None:
