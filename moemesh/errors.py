@@ -21,6 +21,12 @@ class NotFound(MoemeshError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class Aborted(MoemeshError):
+    """A concurrent operation got there first (another turn of the same session)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
 class ResourceExhausted(MoemeshError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 

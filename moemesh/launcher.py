@@ -132,7 +132,9 @@ def up(model: Path, experts: int, replicas: int, host: str, port: int, redis_url
     cluster = Cluster(host)
     with tempfile.TemporaryDirectory(prefix="moemesh-redis-") as redis_dir:
         try:
-            redis_url = redis_url or cluster.start_redis(Path(redis_dir))
+            if not redis_url:
+                redis_url = cluster.start_redis(Path(redis_dir))
+                print(f"[redis] ready on {redis_url}", flush=True)
             shards = [
                 cluster.service(f"expert-{i}.{r}", "expert", common | {"shard": f"{i}/{experts}", "port": 0})
                 for i in range(experts)

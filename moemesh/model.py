@@ -3,9 +3,11 @@
 The routed experts are behind `RoutedExperts`, so the same code runs in one process and split
 across services (`moemesh.moe` holds the dispatch; the services hold the wire).
 Shapes: T = tokens in an engine step, D = hidden, H = query heads, K = KV heads, Dh = head dim,
-E = experts, A = active experts per token, L = cached positions of one sequence, V = vocab.
+E = experts, A = active experts per token, L = cached positions of one sequence, V = vocab,
+C = MLA latent rank, R = rotary dims.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -14,13 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from moemesh.checkpoint import Checkpoint
-from moemesh.config import ModelConfig
+from moemesh.config import GateConfig, ModelConfig, RopeConfig
 
 
 class RoutedExperts(Protocol):
     """The routed-expert half of an MoE block: gate, dispatch, expert FFNs and weighted combine."""
 
-    def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor: ...  # [T, D] -> [T, D]
+    def submit(self, layer: int, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Starts the work for hidden [T, D]; the returned callable waits for its output [T, D]."""
+        ...
 
 
 class RMSNorm(nn.Module):
@@ -36,39 +40,48 @@ class RMSNorm(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float):
+    def __init__(self, rope: RopeConfig):
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+        inv_freq, self.scale = rope.frequencies()
+        self.interleaved = rope.interleaved
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions[:, None].float() * self.inv_freq  # [T, Dh/2]
-        emb = torch.cat((freqs, freqs), dim=-1)  # [T, Dh]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        freqs = positions[:, None].float() * self.inv_freq  # [T, R/2]
+        emb = torch.cat((freqs, freqs), dim=-1)  # [T, R]
+        return (emb.cos() * self.scale).to(dtype), (emb.sin() * self.scale).to(dtype)
 
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, Dh]; cos, sin: [T, Dh]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None] + rotated * sin[:, None]
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x: [T, heads, R]. Interleaved pairs are first gathered into halves, as DeepSeek's rope does."""
+        if self.interleaved:
+            x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return x * cos[:, None] + rotated * sin[:, None]
 
 
 class KVCache:
-    """Keys and values of one sequence, all layers, preallocated for its whole length."""
+    """What attention keeps per position for one sequence, all layers, preallocated for its whole length.
+
+    Two tensors per layer, positions first: keys and values [L, K, Dh], or for MLA the normalized
+    latent [L, C] and the rotated shared key [L, R].
+    """
 
     def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype):
-        shape = (cfg.num_kv_heads, capacity, cfg.head_dim)  # [K, L_max, Dh]
-        self.keys = [torch.empty(shape, dtype=dtype) for _ in range(cfg.num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype) for _ in range(cfg.num_layers)]
+        if cfg.mla is not None:
+            shapes = ((cfg.mla.kv_lora_rank,), (cfg.mla.qk_rope_head_dim,))
+        else:
+            shapes = ((cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim))
+        self.layers = [tuple(torch.empty((capacity, *s), dtype=dtype) for s in shapes) for _ in range(cfg.num_layers)]
         self.length = 0  # positions written by completed steps
 
-    def extend(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Writes n new positions (k, v: [n, K, Dh]) after `length`; returns all keys/values [K, L, Dh]."""
-        end = self.length + k.shape[0]
-        self.keys[layer][:, self.length : end] = k.transpose(0, 1)
-        self.values[layer][:, self.length : end] = v.transpose(0, 1)
-        return self.keys[layer][:, :end], self.values[layer][:, :end]
+    def extend(self, layer: int, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes n new positions after `length`; returns both tensors for all positions so far."""
+        end = self.length + first.shape[0]
+        a, b = self.layers[layer]
+        a[self.length : end] = first
+        b[self.length : end] = second
+        return a[:end], b[:end]
 
 
 @dataclass
@@ -90,89 +103,166 @@ class StepBatch:
     logit_rows: torch.Tensor  # [S] rows whose next-token logits are needed
 
 
+def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None):
+    """q: [n, H, Dq], the last n of L positions; keys: [L, K, Dq]; values: [L, K, Dv]. Causal, windowed."""
+    n, total = q.shape[0], keys.shape[0]
+    first_query = total - n
+    lo = max(0, first_query - window + 1) if window else 0  # oldest key any query can see
+    keys, values = keys[lo:], values[lo:]
+    mask = None
+    if n > 1:
+        q_pos = torch.arange(first_query, total)[:, None]
+        k_pos = torch.arange(lo, total)[None, :]
+        mask = k_pos <= q_pos
+        if window:
+            mask &= k_pos > q_pos - window  # [n, L - lo]
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None], keys.transpose(0, 1)[None], values.transpose(0, 1)[None],
+        attn_mask=mask, scale=scale, enable_gqa=True,
+    )  # fmt: skip
+    return out[0].transpose(0, 1)  # [n, H, Dv]
+
+
 class Attention(nn.Module):
+    """Grouped-query attention with optional q/k/v bias, per-head q/k norm, and a sliding window."""
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.layer, self.cfg = layer, cfg
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.layer, self.cfg, self.window = layer, cfg, cfg.window(layer)
+        q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, q, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, kv, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, kv, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slices: list[SequenceSlice]):
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos, sin, slices: list[SequenceSlice]):
         t, dh = x.shape[0], self.cfg.head_dim
-        q = apply_rope(self.q_proj(x).view(t, -1, dh), cos, sin)  # [T, H, Dh]
-        k = apply_rope(self.k_proj(x).view(t, -1, dh), cos, sin)  # [T, K, Dh]
+        q = self.q_proj(x).view(t, -1, dh)  # [T, H, Dh]
+        k = self.k_proj(x).view(t, -1, dh)  # [T, K, Dh]
         v = self.v_proj(x).view(t, -1, dh)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
         out = torch.empty_like(q)
         for s in slices:
             rows = slice(s.start, s.start + s.length)
-            keys, values = s.cache.extend(self.layer, k[rows], v[rows])
-            out[rows] = self._attend(q[rows], keys, values)
+            keys, values = s.cache.extend(self.layer, k[rows], v[rows])  # [L, K, Dh]
+            out[rows] = attend(q[rows], keys, values, self.cfg.softmax_scale, self.window)
         return self.o_proj(out.view(t, -1))
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        """q: [n, H, Dh], the last n of L positions; keys, values: [K, L, Dh]. Causal, sliding window."""
-        n, total = q.shape[0], keys.shape[1]
-        first_query = total - n
-        window = self.cfg.sliding_window
-        lo = max(0, first_query - window + 1) if window else 0  # oldest key any query can see
-        keys, values = keys[:, lo:], values[:, lo:]
-        mask = None
-        if n > 1:
-            q_pos = torch.arange(first_query, total)[:, None]
-            k_pos = torch.arange(lo, total)[None, :]
-            mask = k_pos <= q_pos
-            if window:
-                mask &= k_pos > q_pos - window  # [n, L - lo]
-        out = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None], keys[None], values[None], attn_mask=mask, enable_gqa=True
-        )  # [1, H, n, Dh]
-        return out[0].transpose(0, 1)
+
+class LatentAttention(nn.Module):
+    """Multi-head Latent Attention (DeepSeek-V2/V3); the cache holds the compressed latent, not K/V."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        m = cfg.mla
+        self.layer, self.cfg, self.m = layer, cfg, m
+        qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+        if m.q_lora_rank is None:
+            self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * qk, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(cfg.hidden_size, m.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, cfg.num_heads * qk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(cfg.hidden_size, m.kv_lora_rank + m.qk_rope_head_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, cfg.num_heads * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(cfg.num_heads * m.v_head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos, sin, slices: list[SequenceSlice]):
+        m, t, h = self.m, x.shape[0], self.cfg.num_heads
+        q = self.q_proj(x) if m.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rot = q.view(t, h, -1).split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [T, C]
+        k_rot = rope.apply(k_rot[:, None], cos, sin)[:, 0]  # [T, R]
+        q = torch.cat((q_nope, rope.apply(q_rot, cos, sin)), dim=-1)  # [T, H, Dq]
+        out = q.new_empty(t, h, m.v_head_dim)
+        for s in slices:
+            rows = slice(s.start, s.start + s.length)
+            latents, k_rots = s.cache.extend(self.layer, latent[rows], k_rot[rows])  # [L, C], [L, R]
+            k_nope, values = (
+                self.kv_b_proj(latents)
+                .view(-1, h, m.qk_nope_head_dim + m.v_head_dim)
+                .split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+            )  # [L, H, *]
+            keys = torch.cat((k_nope, k_rots[:, None].expand(-1, h, -1)), dim=-1)  # [L, H, Dq]
+            out[rows] = attend(q[rows], keys, values, self.cfg.softmax_scale, None)
+        return self.o_proj(out.view(t, -1))
 
 
-class Expert(nn.Module):
-    """SwiGLU FFN of one routed expert (Mixtral names)."""
+class MLP(nn.Module):
+    """SwiGLU feed-forward: a routed expert, a shared expert, or a dense layer's MLP."""
 
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
-        self.w1 = nn.Linear(hidden, intermediate, bias=False)
-        self.w2 = nn.Linear(intermediate, hidden, bias=False)
-        self.w3 = nn.Linear(hidden, intermediate, bias=False)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Gate(nn.Module):
-    """Top-k softmax gate: weights renormalized over the chosen experts (Mixtral)."""
+    """Top-k routing: softmax or sigmoid scores, optionally group-limited, renormalized and scaled."""
 
-    def __init__(self, hidden: int, num_experts: int, top_k: int):
+    def __init__(self, cfg: GateConfig, hidden: int, num_experts: int):
         super().__init__()
+        self.cfg = cfg
         self.weight = nn.Parameter(torch.empty(num_experts, hidden))
-        self.top_k = top_k
+        self.bias = nn.Parameter(torch.zeros(num_experts)) if cfg.bias else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.linear(x, self.weight).float().softmax(dim=-1)  # [T, E]
-        weights, indices = probs.topk(self.top_k, dim=-1)  # [T, A]
-        return weights / weights.sum(dim=-1, keepdim=True), indices
+        c = self.cfg
+        logits = F.linear(x.float(), self.weight.float()) if c.float32_logits else F.linear(x, self.weight)
+        scores = logits.float().softmax(dim=-1) if c.scoring == "softmax" else logits.float().sigmoid()  # [T, E]
+        choice = scores if self.bias is None else scores + self.bias.float()
+        if c.num_groups > 1:
+            grouped = choice.view(choice.shape[0], c.num_groups, -1)  # [T, G, E/G]
+            group_scores = grouped.amax(-1) if c.group_score == "max" else grouped.topk(2, dim=-1).values.sum(-1)
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(c.top_groups, dim=-1).indices, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).flatten(1)
+        indices = choice.topk(c.top_k, dim=-1).indices  # [T, A]
+        weights = scores.gather(1, indices)
+        if c.normalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * c.scale, indices
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer = layer
+        self.moe = layer in cfg.moe_layers
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer)
+        self.self_attn = LatentAttention(cfg, layer) if cfg.mla else Attention(cfg, layer)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = None if self.moe else MLP(cfg.hidden_size, cfg.intermediate_size)
+        self.shared = MLP(cfg.hidden_size, cfg.shared_expert_size) if self.moe and cfg.shared_expert_size else None
+        self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if self.moe and cfg.shared_expert_gated else None
 
-    def forward(self, x, cos, sin, slices: list[SequenceSlice], routed: RoutedExperts) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, slices)
-        return h + routed(self.layer, self.post_attention_layernorm(h))
+    def forward(self, x, rope, cos, sin, slices: list[SequenceSlice], routed: RoutedExperts) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, slices)
+        y = self.post_attention_layernorm(h)
+        if self.mlp is not None:
+            return h + self.mlp(y)
+        routed_output = routed.submit(self.layer, y)  # in flight while the shared expert runs here
+        if self.shared is None:
+            return h + routed_output()
+        shared = self.shared(y)
+        if self.shared_gate is not None:
+            shared = torch.sigmoid(self.shared_gate(y)) * shared
+        return h + (routed_output() + shared)
 
 
 class DenseModel(nn.Module):
-    """Everything but the routed experts: embeddings, attention, norms, LM head (the gateway's part)."""
+    """Everything but the routed experts: embeddings, attention, norms, dense and shared MLPs, LM head."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -181,26 +271,25 @@ class DenseModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.rope)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, routed: RoutedExperts) -> torch.Tensor:
         x = self.embed_tokens(batch.token_ids)  # [T, D]
         cos, sin = self.rotary(batch.positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, cos, sin, batch.slices, routed)
+            x = layer(x, self.rotary, cos, sin, batch.slices, routed)
         return self.lm_head(self.norm(x[batch.logit_rows])).float()  # [S, V]
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype) -> "DenseModel":
         with torch.device("meta"):
             model = cls(ckpt.config)
-        names = ckpt.tensors.dense()
-        state = {_strip_model_prefix(k): v for k, v in ckpt.load(names, dtype).items()}
+        state = ckpt.load(ckpt.tensors.dense(), dtype)
         if ckpt.config.tie_word_embeddings:
             state["lm_head.weight"] = state["embed_tokens.weight"]
         model.load_state_dict(state, strict=True, assign=True)
-        model.rotary = RotaryEmbedding(ckpt.config.head_dim, ckpt.config.rope_theta)
+        model.rotary = RotaryEmbedding(ckpt.config.rope)
         return model.eval()
 
 
@@ -208,25 +297,20 @@ def load_gates(ckpt: Checkpoint, dtype: torch.dtype) -> dict[int, Gate]:
     cfg = ckpt.config
     gates = {}
     for layer in cfg.moe_layers:
-        ((_, weight),) = ckpt.load(ckpt.tensors.gate(layer), dtype).items()
-        gate = Gate(cfg.hidden_size, cfg.num_experts, cfg.experts_per_token)
-        gate.weight = nn.Parameter(weight, requires_grad=False)
-        gates[layer] = gate.eval()
+        with torch.device("meta"):
+            gate = Gate(cfg.gate, cfg.hidden_size, cfg.num_experts)
+        gate.load_state_dict(ckpt.load(ckpt.tensors.gate(layer), dtype), strict=True, assign=True)
+        gates[layer] = gate.eval().requires_grad_(False)
     return gates
 
 
-def load_experts(ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype) -> dict[tuple[int, int], Expert]:
+def load_experts(ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype) -> dict[tuple[int, int], MLP]:
     """Reads only the given (layer, expert) pairs' weights."""
     cfg = ckpt.config
     experts = {}
     for layer, expert in pairs:
-        tensors = ckpt.load(ckpt.tensors.expert(layer, expert), dtype)
         with torch.device("meta"):
-            module = Expert(cfg.hidden_size, cfg.intermediate_size)
-        module.load_state_dict({k.rsplit(".", 2)[-2] + ".weight": v for k, v in tensors.items()}, assign=True)
+            module = MLP(cfg.hidden_size, cfg.moe_intermediate_size)
+        module.load_state_dict(ckpt.load(ckpt.tensors.expert(layer, expert), dtype), strict=True, assign=True)
         experts[(layer, expert)] = module.eval().requires_grad_(False)
     return experts
-
-
-def _strip_model_prefix(name: str) -> str:
-    return name.removeprefix("model.")

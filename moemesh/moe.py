@@ -6,12 +6,13 @@ summed back per token with their gate weights, experts in ascending order as `tr
 Shapes: T = tokens, D = hidden, A = active experts per token, R = T * A routed rows.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
-from moemesh.model import Expert, Gate
+from moemesh.model import MLP, Gate
 
 
 @dataclass(frozen=True)
@@ -49,7 +50,7 @@ class DispatchPlan:
 class LocalExperts:
     """Runs expert groups on modules held in this process (an expert shard, or the whole model)."""
 
-    def __init__(self, experts: dict[tuple[int, int], Expert]):
+    def __init__(self, experts: dict[tuple[int, int], MLP]):
         self.experts = experts
 
     def __call__(self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor) -> torch.Tensor:
@@ -75,3 +76,8 @@ class RoutedMoE:
             plan = DispatchPlan.from_gate(weights, indices, self.num_experts)
             outputs = self.executor(layer, plan.groups, hidden[plan.token_of_row])
             return plan.combine(outputs, hidden.shape[0])
+
+    def submit(self, layer: int, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """`RoutedExperts` in one process: the work is done before this returns."""
+        output = self(layer, hidden)
+        return lambda: output

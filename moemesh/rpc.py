@@ -106,9 +106,6 @@ class StreamClient:
                 self._stream = _OpenStream(self._method, self.target)
             return self._stream.send(request)
 
-    def call(self, request: Any, timeout_s: float) -> Any:
-        return wait(self.submit(request), timeout_s, self.target)
-
     def close(self) -> None:
         with self._lock:
             if self._stream is not None:

@@ -57,6 +57,10 @@ class GatewaySettings(ServiceSettings):
     router_timeout_s: float = Field(60.0, description="deadline of one router call")
     metrics_port: int = Field(-1, description="Prometheus metrics HTTP port; -1: off, 0: a free port")
     workers: int = Field(256, description="gRPC worker threads (concurrent RPCs)")
+    session_ttl_s: int = Field(3600, description="seconds a session lives after its last use")
+    max_session_turns: int = Field(256, description="most turns in one session")
+    max_session_tokens: int = Field(0, description="most tokens in one session; 0: the context length")
+    kv_chunk_tokens: int = Field(64, description="tokens per KV-cache chunk stored in Redis")
 
 
 def add_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:

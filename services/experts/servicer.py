@@ -27,5 +27,6 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     def Describe(self, request, context) -> expert_pb2.DescribeExpertResponse:
         return expert_pb2.DescribeExpertResponse(
             model_fingerprint=self.shard.fingerprint,
+            parameter_bytes=self.shard.parameter_bytes,
             layers=[expert_pb2.LayerExperts(layer=layer, experts=held) for layer, held in self.shard.layers.items()],
         )

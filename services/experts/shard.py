@@ -6,19 +6,9 @@ import torch
 
 from moemesh.checkpoint import Checkpoint
 from moemesh.errors import InvalidArgument
+from moemesh.sharding import shard_experts
 from moemesh.model import load_experts
 from moemesh.moe import ExpertGroup, LocalExperts
-
-
-def parse_shard(spec: str, num_experts: int) -> list[int]:
-    """`"i/N"`: the i-th of N contiguous, near-equal slices of the expert ids."""
-    try:
-        index, count = (int(part) for part in spec.split("/"))
-    except ValueError:
-        raise InvalidArgument(f"shard: expected i/N such as 0/2, got {spec!r}") from None
-    if not 0 <= index < count <= num_experts:
-        raise InvalidArgument(f"shard: {spec!r} needs 0 <= i < N <= {num_experts} (the model's experts)")
-    return list(range(index * num_experts // count, (index + 1) * num_experts // count))
 
 
 @dataclass
@@ -28,10 +18,15 @@ class ExpertShard:
     hidden_size: int
     run: LocalExperts
 
+    @property
+    def parameter_bytes(self) -> int:
+        """Bytes of the expert weights held (what `moemesh inspect` predicts per shard)."""
+        return sum(t.numel() * t.element_size() for m in self.run.experts.values() for t in m.state_dict().values())
+
     @classmethod
     def load(cls, ckpt: Checkpoint, spec: str, dtype: torch.dtype) -> "ExpertShard":
         cfg = ckpt.config
-        experts = parse_shard(spec, cfg.num_experts)
+        experts = shard_experts(spec, cfg.num_experts)
         layers = {layer: experts for layer in cfg.moe_layers}
         pairs = [(layer, e) for layer, held in layers.items() for e in held]
         return cls(ckpt.fingerprint, layers, cfg.hidden_size, LocalExperts(load_experts(ckpt, pairs, dtype)))

@@ -10,12 +10,12 @@ import queue
 import random
 import threading
 from collections import deque
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
-from moemesh.errors import Cancelled, MoemeshError, ResourceExhausted
+from moemesh.errors import Cancelled, MoemeshError, ResourceExhausted, Unavailable
 from moemesh.model import DenseModel, KVCache, RoutedExperts, SequenceSlice, StepBatch
 from services.gateway import metrics
 from services.gateway.requests import GenerationRequest, StepOutput
@@ -35,13 +35,14 @@ class EngineConfig:
 class Sequence:
     """One request's state in the engine; the caller reads its outputs with `outputs()`."""
 
-    def __init__(self, request: GenerationRequest, text: TextStream):
+    def __init__(self, request: GenerationRequest, text: TextStream, cache: KVCache | None):
         self.prompt_ids = request.prompt_ids
         self.sampling = request.sampling
         self.text = text
         self.output_ids: list[int] = []
-        self.computed = 0  # tokens whose keys/values are in the cache
-        self.cache: KVCache | None = None
+        self.cache = cache
+        self.cached = cache.length if cache else 0  # prompt tokens whose keys/values came precomputed
+        self.computed = self.cached  # tokens whose keys/values are in the cache
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.cancelled = False
@@ -73,9 +74,16 @@ class Sequence:
 
 
 class Engine:
-    def __init__(self, model: DenseModel, routed: RoutedExperts, config: EngineConfig, text: TextCodec | None):
+    def __init__(
+        self,
+        model: DenseModel,
+        routed: RoutedExperts,
+        config: EngineConfig,
+        text: TextCodec | None,
+        eos_ids: tuple[int, ...],
+    ):
         self.model, self.routed, self.config, self.text = model, routed, config, text
-        self.eos_ids = set(model.cfg.eos_token_ids)
+        self.eos_ids = set(eos_ids)
         self.dtype = model.embed_tokens.weight.dtype
         self.running: list[Sequence] = []
         self._waiting: deque[Sequence] = deque()
@@ -87,13 +95,23 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stops stepping; every sequence still running or waiting ends with UNAVAILABLE."""
         with self._wakeup:
             self._stopped = True
             self._wakeup.notify()
         self._thread.join()
+        left = [*self.running, *self._waiting]
+        self.running, self._waiting = [], deque()
+        for seq in left:
+            seq.emit(Unavailable("the gateway is shutting down; retry on another replica"))
 
-    def submit(self, request: GenerationRequest) -> Sequence:
-        seq = Sequence(request, TextStream(self.text, request.sampling.stop))
+    def new_cache(self, request: GenerationRequest) -> KVCache:
+        """An empty cache with room for the whole sequence."""
+        return KVCache(self.model.cfg, len(request.prompt_ids) + request.sampling.max_new_tokens, self.dtype)
+
+    def submit(self, request: GenerationRequest, cache: KVCache | None = None) -> Sequence:
+        """Queues a request; `cache` (from `new_cache`) may hold keys/values of a prompt prefix already."""
+        seq = Sequence(request, TextStream(self.text, request.sampling.stop), cache)
         with self._wakeup:
             if len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(f"waiting queue is full ({self.config.max_waiting} requests); retry later")
@@ -129,13 +147,14 @@ class Engine:
     def _admit(self) -> None:
         while self._waiting and len(self.running) < self.config.max_batch_seqs:
             seq = self._waiting.popleft()
-            seq.cache = KVCache(self.model.cfg, len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.dtype)
+            if seq.cache is None:
+                seq.cache = KVCache(self.model.cfg, len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.dtype)
             self.running.append(seq)
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """Decode tokens first (one each), then prefill chunks while the token budget lasts."""
         budget = self.config.max_batch_tokens
-        chosen = [(s, 1) for s in self.running if s.pending == 1]
+        chosen = [(s, 1) for s in self.running if s.pending == 1][:budget]
         budget -= len(chosen)
         for seq in self.running:
             if seq.pending > 1 and budget > 0:
@@ -155,22 +174,23 @@ class Engine:
             if n == seq.pending:  # this chunk ends the known tokens: the next one is due
                 logit_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, torch.tensor(logit_rows, dtype=torch.long))
+        rows = torch.tensor(logit_rows, dtype=torch.long)  # may be empty: a step of prefill chunks only
+        batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows)
         try:
             with metrics.STEP_SECONDS.time():
                 logits = self.model(batch, self.routed)
+            for seq, n in chosen:
+                seq.computed += n
+                seq.cache.length += n
+            tokens, logprobs = sample(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
+            metrics.GENERATED_TOKENS.inc(len(tokens))
+            for seq, token, logprob in zip(sampled, tokens, logprobs):
+                self._advance(seq, token, logprob)
         except Exception as exc:  # noqa: BLE001 - the step's sequences fail, the engine goes on
-            log.warning("step failed for %d sequences: %s", len(chosen), exc, exc_info=not isinstance(exc, MoemeshError))
+            trace = not isinstance(exc, MoemeshError)
+            log.warning("step failed for %d sequences: %s", len(chosen), exc, exc_info=trace)
             error = exc if isinstance(exc, MoemeshError) else MoemeshError(f"internal error: {type(exc).__name__}")
-            self._fail([seq for seq, _ in chosen], error)
-            return
-        for seq, n in chosen:
-            seq.computed += n
-            seq.cache.length += n
-        tokens, logprobs = sample(logits, [s.sampling for s in sampled], [s.generator for s in sampled])
-        metrics.GENERATED_TOKENS.inc(len(tokens))
-        for seq, token, logprob in zip(sampled, tokens, logprobs):
-            self._advance(seq, token, logprob)
+            self._fail([seq for seq, _ in chosen if seq in self.running], error)
 
     def _advance(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.output_ids.append(token)
@@ -187,9 +207,9 @@ class Engine:
             if out.finish_reason != "stop":
                 out.text += seq.text.flush()
             out.prompt_tokens, out.completion_tokens = len(seq.prompt_ids), len(seq.output_ids)
+            out.cached_tokens = seq.cached
             with self._wakeup:
-                self.running.remove(seq)
-            seq.cache = None
+                self.running.remove(seq)  # its cache stays with the caller, which may store it for the session
         seq.emit(out)
 
     def _fail(self, seqs: list[Sequence], error: MoemeshError) -> None:

@@ -51,14 +51,18 @@ class StepOutput:
     finish_reason: str = ""
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    cached_tokens: int = 0
+    session_id: str = ""
 
     def to_pb(self) -> gateway_pb2.GenerateResponse:
         msg = gateway_pb2.GenerateResponse(
             text=self.text, token_ids=self.token_ids, logprobs=self.logprobs, finish_reason=self.finish_reason
         )
+        msg.session_id = self.session_id
         if self.finish_reason:
             msg.usage.prompt_tokens = self.prompt_tokens
             msg.usage.completion_tokens = self.completion_tokens
+            msg.usage.cached_tokens = self.cached_tokens
         return msg
 
 
@@ -71,10 +75,16 @@ def merge(outputs: list[StepOutput]) -> StepOutput:
         finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
+        cached_tokens=last.cached_tokens,
+        session_id=last.session_id,
     )
 
 
 def from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, limits: Limits) -> GenerationRequest:
+    return with_sampling(_prompt_from_pb(msg, text, limits), msg.sampling, text, limits)
+
+
+def _prompt_from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, limits: Limits) -> list[int]:
     if msg.prompt_token_ids:
         prompt_ids = list(msg.prompt_token_ids)
         for i, token in enumerate(prompt_ids):
@@ -88,7 +98,19 @@ def from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, limits: Li
         prompt_ids = text.encode(msg.prompt)
     else:
         raise InvalidArgument("prompt: empty; set prompt or prompt_token_ids")
-    sampling = _sampling_from_pb(msg.sampling, text, limits)
+    return prompt_ids
+
+
+def with_sampling(
+    prompt_ids: list[int], msg: gateway_pb2.SamplingParams, text: TextCodec | None, limits: Limits
+) -> GenerationRequest:
+    """The request for a tokenized prompt, its sampling checked against the limits and the context left."""
+    room = limits.max_context - len(prompt_ids)
+    if room < 1:
+        raise InvalidArgument(
+            f"prompt: {len(prompt_ids)} tokens leave no room in the context length {limits.max_context}"
+        )
+    sampling = _sampling_from_pb(msg, text, limits, room)
     total = len(prompt_ids) + sampling.max_new_tokens
     if total > limits.max_context:
         raise InvalidArgument(
@@ -98,12 +120,13 @@ def from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, limits: Li
     return GenerationRequest(prompt_ids, sampling)
 
 
-def _sampling_from_pb(msg: gateway_pb2.SamplingParams, text: TextCodec | None, limits: Limits) -> SamplingConfig:
-    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else limits.default_max_new_tokens
+def _sampling_from_pb(
+    msg: gateway_pb2.SamplingParams, text: TextCodec | None, limits: Limits, room: int
+) -> SamplingConfig:
+    """`room`: context positions left after the prompt; an unset max_new_tokens is capped by it."""
+    max_new = msg.max_new_tokens if msg.HasField("max_new_tokens") else min(limits.default_max_new_tokens, room)
     if not 1 <= max_new <= limits.max_new_tokens_limit:
-        raise InvalidArgument(
-            f"sampling.max_new_tokens: {max_new} is outside [1, {limits.max_new_tokens_limit}]"
-        )
+        raise InvalidArgument(f"sampling.max_new_tokens: {max_new} is outside [1, {limits.max_new_tokens_limit}]")
     temperature = msg.temperature if msg.HasField("temperature") else 0.0
     if math.isnan(temperature) or temperature < 0:
         raise InvalidArgument(f"sampling.temperature: {temperature} must be a number >= 0 (0 is greedy)")

@@ -1,11 +1,13 @@
 """`RouterClient`: the gateway's `RoutedExperts` when the experts run as services behind a router."""
 
+from collections.abc import Callable
+
 import grpc
 import torch
 
 from moemesh import codec
 from moemesh.errors import Unavailable
-from moemesh.rpc import CHANNEL_OPTIONS, StreamClient
+from moemesh.rpc import CHANNEL_OPTIONS, StreamClient, wait
 from moemesh.v1 import router_pb2, router_pb2_grpc
 
 
@@ -22,7 +24,11 @@ class RouterClient:
             except grpc.FutureTimeoutError:
                 raise Unavailable(f"router {address}: not reachable within {timeout_s:g}s") from None
 
-    def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
-        request = router_pb2.MoeRequest(layer=layer, hidden=codec.to_pb(hidden, self.wire_dtype))
-        response = self.client.call(request, self.timeout_s)
-        return codec.from_pb(response.output, self.compute_dtype, field="output")
+    def submit(self, layer: int, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+        future = self.client.submit(router_pb2.MoeRequest(layer=layer, hidden=codec.to_pb(hidden, self.wire_dtype)))
+
+        def output() -> torch.Tensor:
+            response = wait(future, self.timeout_s, self.client.target)
+            return codec.from_pb(response.output, self.compute_dtype, field="output")
+
+        return output

@@ -1,5 +1,6 @@
 """`moemesh gateway`: load the dense model, connect the routed experts, serve the public API."""
 
+import redis
 import torch
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
@@ -10,10 +11,14 @@ from moemesh.moe import LocalExperts, RoutedMoE
 from moemesh.rpc import Service
 from moemesh.settings import GatewaySettings
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
+from services.gateway.chat import Conversations
+from services.gateway.chat_template import ChatTemplate, eos_token_ids
 from services.gateway.engine import Engine, EngineConfig
+from services.gateway.kv_store import KVStore
 from services.gateway.requests import Limits
 from services.gateway.router_client import RouterClient
 from services.gateway.servicer import GatewayServicer
+from services.gateway.sessions import SessionStore
 from services.gateway.text import TextCodec
 
 
@@ -30,8 +35,30 @@ def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
     config = EngineConfig(settings.max_batch_seqs, settings.max_batch_tokens, settings.max_waiting)
-    engine = Engine(DenseModel.from_checkpoint(ckpt, dtype), routed, config, TextCodec.from_dir(settings.model))
+    text = TextCodec.from_dir(settings.model)
+    eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids
+    engine = Engine(DenseModel.from_checkpoint(ckpt, dtype), routed, config, text, eos_ids)
     return engine, ckpt
+
+
+def conversations(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, limits: Limits) -> Conversations | None:
+    """Sessions in Redis, when a Redis URL is configured (connections open lazily, and reopen)."""
+    if not settings.redis:
+        return None
+    client = redis.Redis.from_url(settings.redis, socket_timeout=5, socket_connect_timeout=2)
+    cfg = ckpt.config
+    tag = f"{ckpt.fingerprint}:{str(engine.dtype).removeprefix('torch.')}"
+    windows = {cfg.window(layer) for layer in range(cfg.num_layers)}
+    window = None if None in windows else max(windows)  # a layer without a window sees every position
+    return Conversations(
+        engine,
+        SessionStore(client, settings.session_ttl_s),
+        KVStore(client, tag, settings.kv_chunk_tokens, settings.session_ttl_s, window),
+        ChatTemplate.from_dir(settings.model),
+        limits,
+        settings.max_session_turns,
+        settings.max_session_tokens or limits.max_context,
+    )
 
 
 def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
@@ -44,7 +71,7 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
         max_new_tokens_limit=settings.max_new_tokens_limit,
     )
     service = Service("gateway", settings.host, settings.port, workers=settings.workers)
-    servicer = GatewayServicer(engine, limits, cfg, ckpt.dir.name)
+    servicer = GatewayServicer(engine, conversations(settings, engine, ckpt, limits), limits, cfg, ckpt.dir.name)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, service.server)
     names = (
         gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,

@@ -5,15 +5,26 @@ from collections.abc import Iterator
 import grpc
 
 from moemesh.config import ModelConfig
+from moemesh.errors import Unavailable
 from moemesh.rpc import map_errors
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import requests
+from services.gateway.chat import Conversations
 from services.gateway.engine import Engine, Sequence
+
+ANONYMOUS = "anonymous"  # the owner of every session until API keys exist
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, engine: Engine, limits: requests.Limits, cfg: ModelConfig, model_name: str):
-        self.engine, self.limits = engine, limits
+    def __init__(
+        self,
+        engine: Engine,
+        conversations: Conversations | None,
+        limits: requests.Limits,
+        cfg: ModelConfig,
+        model_name: str,
+    ):
+        self.engine, self.conversations, self.limits = engine, conversations, limits
         self.info = gateway_pb2.ModelInfo(
             model_name=model_name,
             model_type=cfg.model_type,
@@ -38,6 +49,27 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @map_errors
     def GetModelInfo(self, request, context) -> gateway_pb2.ModelInfo:
         return self.info
+
+    @map_errors
+    def Chat(self, request: gateway_pb2.ChatRequest, context) -> Iterator[gateway_pb2.GenerateResponse]:
+        turn = self._sessions().turn(
+            request.session_id, list(request.messages), request.sampling, ANONYMOUS, context.add_callback
+        )
+        for output in turn:
+            yield output.to_pb()
+
+    @map_errors
+    def GetSession(self, request: gateway_pb2.GetSessionRequest, context) -> gateway_pb2.Session:
+        return self._sessions().get(request.session_id, ANONYMOUS)
+
+    @map_errors
+    def DeleteSession(self, request: gateway_pb2.DeleteSessionRequest, context) -> gateway_pb2.DeleteSessionResponse:
+        return gateway_pb2.DeleteSessionResponse(deleted=self._sessions().delete(request.session_id, ANONYMOUS))
+
+    def _sessions(self) -> Conversations:
+        if self.conversations is None:
+            raise Unavailable("sessions need Redis: start the gateway with --redis URL")
+        return self.conversations
 
     def _submit(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Sequence:
         seq = self.engine.submit(requests.from_pb(request, self.engine.text, self.limits))

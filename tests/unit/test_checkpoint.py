@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moemesh.checkpoint import Checkpoint
-from moemesh.config import ModelConfig
 from moemesh.errors import CheckpointError, InvalidArgument
-from services.experts.shard import ExpertShard, parse_shard
+from moemesh.families import read_config
+from moemesh.sharding import shard_experts
+from services.experts.shard import ExpertShard
 from tests.helpers import make_mixtral
 
 pytestmark = pytest.mark.timeout(120)
@@ -44,6 +45,11 @@ def edit_config(model_dir: Path, **changes) -> None:
     path.write_text(json.dumps(raw))
 
 
+def load_by_name(ckpt: Checkpoint, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Tensors keyed by their checkpoint names (the services key them by their own module paths)."""
+    return ckpt.load({name: (name, ()) for name in names}, dtype)
+
+
 def test_loads_with_the_configured_shapes(base):
     ckpt = Checkpoint(base)
     c = ckpt.config
@@ -53,10 +59,10 @@ def test_loads_with_the_configured_shapes(base):
     assert c.checkpoint_dtype == torch.float32 and c.eos_token_ids == ()
     on_disk = load_file(base / "model.safetensors")
     assert set(ckpt.tensors.all()) == set(on_disk)
-    loaded = ckpt.load([EXPERT_TENSOR, "model.embed_tokens.weight"], torch.float32)
+    loaded = load_by_name(ckpt, [EXPERT_TENSOR, "model.embed_tokens.weight"], torch.float32)
     assert set(loaded) == {EXPERT_TENSOR, "model.embed_tokens.weight"}
     assert torch.equal(loaded[EXPERT_TENSOR], on_disk[EXPERT_TENSOR])
-    assert ckpt.load([EXPERT_TENSOR], torch.bfloat16)[EXPERT_TENSOR].dtype == torch.bfloat16
+    assert load_by_name(ckpt, [EXPERT_TENSOR], torch.bfloat16)[EXPERT_TENSOR].dtype == torch.bfloat16
 
 
 def test_fingerprint_is_stable_and_sees_the_config(base, copy):
@@ -168,7 +174,7 @@ def test_sharded_checkpoint_loads_identical_tensors(base, tmp_path):
     whole, parts = Checkpoint(base), Checkpoint(sharded)
     assert parts.config == whole.config
     names = list(whole.tensors.all())
-    a, b = whole.load(names, torch.float32), parts.load(names, torch.float32)
+    a, b = load_by_name(whole, names, torch.float32), load_by_name(parts, names, torch.float32)
     assert set(a) == set(b) == set(names)
     for name in names:
         assert torch.equal(a[name], b[name]), name
@@ -206,8 +212,8 @@ HF_OLD = {
 
 
 def test_config_old_style_fields():
-    c = ModelConfig.from_dict(HF_OLD)
-    assert c.rope_theta == 10000.0
+    c = read_config(HF_OLD)
+    assert c.rope.theta == 10000.0
     assert c.checkpoint_dtype == torch.bfloat16
     assert c.head_dim == 64 // 8  # head_dim: null -> hidden / heads
     assert c.sliding_window is None  # sliding_window: 0 -> no window
@@ -226,8 +232,8 @@ def test_config_new_style_fields():
         "eos_token_id": [2, 7],
         "num_key_value_heads": None,
     }
-    c = ModelConfig.from_dict(raw)
-    assert c.rope_theta == 500000.0
+    c = read_config(raw)
+    assert c.rope.theta == 500000.0
     assert c.checkpoint_dtype == torch.float16
     assert c.head_dim == 32
     assert c.sliding_window == 4096
@@ -237,14 +243,14 @@ def test_config_new_style_fields():
 
 def test_config_defaults_and_rejections():
     raw = {k: v for k, v in HF_OLD.items() if k not in ("rope_theta", "torch_dtype", "eos_token_id")}
-    c = ModelConfig.from_dict(raw)
-    assert c.rope_theta == 1e6 and c.checkpoint_dtype == torch.float32 and c.eos_token_ids == ()
-    with pytest.raises(CheckpointError, match="yarn"):
-        ModelConfig.from_dict(HF_OLD | {"rope_scaling": {"type": "yarn", "factor": 4.0}})
+    c = read_config(raw)
+    assert c.rope.theta == 1e6 and c.checkpoint_dtype == torch.float32 and c.eos_token_ids == ()
+    with pytest.raises(CheckpointError, match="dynamic"):
+        read_config(HF_OLD | {"rope_scaling": {"type": "dynamic", "factor": 4.0}})
     with pytest.raises(CheckpointError, match="int8"):
-        ModelConfig.from_dict(HF_OLD | {"torch_dtype": "int8"})
+        read_config(HF_OLD | {"torch_dtype": "int8"})
     with pytest.raises(CheckpointError, match="None"):
-        ModelConfig.from_dict({k: v for k, v in HF_OLD.items() if k != "model_type"})
+        read_config({k: v for k, v in HF_OLD.items() if k != "model_type"})
 
 
 def test_expert_shard_holds_only_its_experts(base):
@@ -255,17 +261,17 @@ def test_expert_shard_holds_only_its_experts(base):
     assert set(shard.run.experts) == {(0, 2), (0, 3), (1, 2), (1, 3)}
     shard_bytes = sum(p.numel() * p.element_size() for m in shard.run.experts.values() for p in m.parameters())
     all_expert_bytes = c.num_layers * c.num_experts * 3 * c.hidden_size * c.intermediate_size * 4
-    assert shard_bytes * 2 == all_expert_bytes
+    assert shard_bytes * 2 == all_expert_bytes == 2 * shard.parameter_bytes
     # the weights are the checkpoint's
     on_disk = load_file(base / "model.safetensors")
-    assert torch.equal(shard.run.experts[(1, 3)].w2.weight, on_disk[EXPERT_TENSOR])
+    assert torch.equal(shard.run.experts[(1, 3)].down_proj.weight, on_disk[EXPERT_TENSOR])
     assert shard.fingerprint == ckpt.fingerprint
 
 
 @pytest.mark.parametrize("num_experts", [1, 4, 6, 8])
 def test_parse_shard_covers_every_expert_once(num_experts):
     for count in range(1, num_experts + 1):
-        shards = [parse_shard(f"{i}/{count}", num_experts) for i in range(count)]
+        shards = [shard_experts(f"{i}/{count}", num_experts) for i in range(count)]
         assert sorted(e for s in shards for e in s) == list(range(num_experts))
         assert all(s == list(range(s[0], s[-1] + 1)) for s in shards)  # contiguous
         sizes = [len(s) for s in shards]
@@ -275,4 +281,4 @@ def test_parse_shard_covers_every_expert_once(num_experts):
 @pytest.mark.parametrize("spec", ["", "1", "a/b", "1/2/3", "1/", "/2", "2/2", "-1/2", "0/0", "1/0", "0/5", "0.5/2"])
 def test_parse_shard_rejects_bad_specs(spec):
     with pytest.raises(InvalidArgument, match="shard"):
-        parse_shard(spec, 4)
+        shard_experts(spec, 4)

@@ -159,7 +159,6 @@ def test_tiny_temperature_is_greedy_and_the_engine_survives(engine, model_dir):
         own.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="Engine.stop() leaves running and waiting sequences without a last event")
 def test_stop_ends_every_sequence(model_dir):
     engine = start(model_dir, max_batch_seqs=1)
     running = engine.submit(request([1, 2, 3], max_new_tokens=400))

@@ -1,0 +1,102 @@
+"""Multi-turn conversations: a session's history in Redis, its KV cache reused on any gateway replica."""
+
+from collections.abc import Callable, Iterator
+
+from moemesh.errors import InvalidArgument, NotFound, ResourceExhausted
+from moemesh.v1 import gateway_pb2
+from services.gateway import requests
+from services.gateway.chat_template import ChatTemplate
+from services.gateway.engine import Engine
+from services.gateway.kv_store import KVStore
+from services.gateway.requests import StepOutput
+from services.gateway.sessions import SessionState, SessionStore
+
+ROLES = ("system", "user", "assistant")
+
+
+class Conversations:
+    def __init__(
+        self,
+        engine: Engine,
+        store: SessionStore,
+        kv: KVStore,
+        template: ChatTemplate | None,
+        limits: requests.Limits,
+        max_turns: int,
+        max_tokens: int,
+    ):
+        self.engine, self.store, self.kv, self.template, self.limits = engine, store, kv, template, limits
+        self.max_turns, self.max_tokens = max_turns, max_tokens
+
+    def turn(
+        self,
+        session_id: str,
+        messages: list[gateway_pb2.Message],
+        sampling: gateway_pb2.SamplingParams,
+        owner: str,
+        on_cancel: Callable[[Callable[[], None]], object],
+    ) -> Iterator[StepOutput]:
+        """Streams the reply to `messages`; the session is saved only when the turn completes."""
+        if self.template is None or self.engine.text is None:
+            raise InvalidArgument("messages: this model has no chat template; use Generate")
+        new_messages = _check_messages(messages)
+        new_session = not session_id
+        session_id = session_id or self.store.new_id()
+        with self.store.turn_lock(session_id):
+            state = SessionState(session_id, owner) if new_session else self.store.load(session_id, owner)
+            if state.turns >= self.max_turns:
+                raise ResourceExhausted(
+                    f"session_id: session {session_id!r} reached its limit of {self.max_turns} turns"
+                )
+            history = state.messages + new_messages
+            prompt = self.engine.text.encode(self.template.render(history, add_generation_prompt=True))
+            if len(prompt) > self.max_tokens:
+                raise ResourceExhausted(
+                    f"session_id: the conversation is {len(prompt)} tokens, over the session limit of {self.max_tokens}"
+                )
+            request = requests.with_sampling(prompt, sampling, self.engine.text, self.limits)
+            cache = self.engine.new_cache(request)
+            cached = self.kv.load(session_id, prompt, state.token_ids, cache)
+            seq = self.engine.submit(request, cache)
+            on_cancel(lambda: self.engine.cancel(seq))
+            reply = []
+            for output in seq.outputs():
+                output.session_id = session_id
+                reply.append(output.text)
+                if output.finish_reason:
+                    state.messages = history + [{"role": "assistant", "content": "".join(reply)}]
+                    state.token_ids = prompt + seq.output_ids
+                    state.turns += 1
+                    self.kv.save(session_id, seq.cache, state.token_ids, first_chunk=cached // self.kv.chunk)
+                    self.store.save(state)
+                yield output
+
+    def get(self, session_id: str, owner: str) -> gateway_pb2.Session:
+        state = self.store.load(session_id, owner)
+        return gateway_pb2.Session(
+            session_id=state.id,
+            messages=[gateway_pb2.Message(role=m["role"], content=m["content"]) for m in state.messages],
+            token_count=len(state.token_ids),
+            turns=state.turns,
+            created_unix_ms=state.created_ms,
+            updated_unix_ms=state.updated_ms,
+            ttl_seconds=self.store.ttl(session_id),
+        )
+
+    def delete(self, session_id: str, owner: str) -> bool:
+        try:
+            state = self.store.load(session_id, owner)
+        except NotFound:
+            return False
+        with self.store.turn_lock(session_id):
+            self.store.delete(state, self.kv.keys(session_id, len(state.token_ids)))
+        return True
+
+
+def _check_messages(messages: list[gateway_pb2.Message]) -> list[dict[str, str]]:
+    if not messages:
+        raise InvalidArgument("messages: empty; send at least one message")
+    for i, m in enumerate(messages):
+        if m.role not in ROLES:
+            raise InvalidArgument(f"messages[{i}].role: {m.role!r} is not one of {', '.join(ROLES)}")
+    return [{"role": m.role, "content": m.content} for m in messages]
