@@ -137,13 +137,18 @@ class TimedRouted:
     def __init__(self, routed):
         self.routed, self.seconds, self.calls = routed, 0.0, 0
 
-    def __call__(self, layer, hidden):
+    def submit(self, layer, hidden):
         t0 = time.perf_counter()
-        try:
-            return self.routed(layer, hidden)
-        finally:
-            self.seconds += time.perf_counter() - t0
-            self.calls += 1
+        wait = self.routed.submit(layer, hidden)
+
+        def timed_wait():
+            try:
+                return wait()
+            finally:
+                self.seconds += time.perf_counter() - t0
+                self.calls += 1
+
+        return timed_wait
 
 
 @dataclass
@@ -469,10 +474,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from moemesh import demo_model
-    from moemesh.config import ModelConfig
+    from moemesh.families import load_config
 
     model = (args.model or demo_model.ensure()).resolve()
-    cfg = ModelConfig.from_dir(model)
+    cfg = load_config(model)
     lengths = [len(prompt(i, cfg.vocab_size)) for i in range(num_requests)]
     print(
         f"model: {model} ({cfg.model_type}, {cfg.checkpoint_dtype}, vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, "

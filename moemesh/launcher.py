@@ -6,6 +6,7 @@ every child. Children also get SIGTERM from the kernel if this process dies (PR_
 """
 
 import ctypes
+import os
 import re
 import signal
 import socket
@@ -72,9 +73,13 @@ class Cluster:
         self.children: list[Child] = []
 
     def spawn(self, name: str, argv: list[str]) -> Child:
+        # Services take turns on the same cores (the gateway waits while the experts compute): OpenMP
+        # threads that spin while idle would steal the cores the other services need.
+        env = {"OMP_WAIT_POLICY": "PASSIVE"} | dict(os.environ)
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1, preexec_fn=_die_with_parent
-        )
+            argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1, env=env,
+            preexec_fn=_die_with_parent,
+        )  # fmt: skip
         child = Child(name, proc)
         threading.Thread(target=child.pump_output, name=f"out-{name}", daemon=True).start()
         self.children.append(child)
