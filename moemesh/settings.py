@@ -38,6 +38,7 @@ class ServiceSettings(BaseSettings):
 
 class ExpertSettings(ServiceSettings):
     shard: str = Field("0/1", description="i/N: hold the i-th of N contiguous slices of every layer's experts")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: weight-only, per output channel")
 
 
 class RouterSettings(ServiceSettings):
