@@ -1,7 +1,7 @@
 PYTHON := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install protos test demo bench clean
+.PHONY: install protos test demo bench bench-sessions clean
 
 install: protos
 	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
@@ -26,6 +26,9 @@ demo: install
 
 bench: install
 	$(PYTHON) -m bench.throughput $(BENCH_ARGS)
+
+bench-sessions: install
+	$(PYTHON) -m bench.sessions $(BENCH_ARGS)
 
 clean:
 	rm -rf moemesh/v1
