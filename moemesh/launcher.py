@@ -141,12 +141,15 @@ def up(model: Path, experts: int, replicas: int, host: str, port: int, redis_url
                 redis_url = cluster.start_redis(Path(redis_dir))
                 print(f"[redis] ready on {redis_url}", flush=True)
             shards = [
-                cluster.service(f"expert-{i}.{r}", "expert", common | {"shard": f"{i}/{experts}", "port": 0})
+                cluster.service(
+                    f"expert-{i}.{r}", "expert", common | {"shard": f"{i}/{experts}", "port": 0, "registry": redis_url}
+                )
                 for i in range(experts)
                 for r in range(replicas)
             ]
-            addresses = [child.wait_ready(START_TIMEOUT_S) for child in shards]
-            router = cluster.service("router", "router", common | {"experts": ",".join(addresses), "port": 0})
+            for child in shards:
+                child.wait_ready(START_TIMEOUT_S)
+            router = cluster.service("router", "router", common | {"registry": redis_url, "port": 0})
             router_address = router.wait_ready(START_TIMEOUT_S)
             gateway = cluster.service(
                 "gateway",

@@ -38,11 +38,15 @@ class ServiceSettings(BaseSettings):
 
 class ExpertSettings(ServiceSettings):
     shard: str = Field("0/1", description="i/N: hold the i-th of N contiguous slices of every layer's experts")
+    registry: str | None = Field(None, description="Redis URL to announce this replica in (heartbeat TTL)")
+    advertise: str | None = Field(None, description="address routers reach this replica at; default host:port")
 
 
 class RouterSettings(ServiceSettings):
-    experts: list[str] = Field(description="comma-separated expert service addresses (host:port)")
-    call_timeout_s: float = Field(30.0, description="deadline of one expert call")
+    experts: list[str] = Field([], description="comma-separated static expert service addresses (host:port)")
+    registry: str | None = Field(None, description="Redis URL where expert replicas announce themselves")
+    call_timeout_s: float = Field(30.0, description="deadline of one MoE layer's expert calls, resends included")
+    start_timeout_s: float = Field(300.0, description="how long to wait at start for every expert to have a replica")
 
 
 class GatewaySettings(ServiceSettings):

@@ -6,9 +6,9 @@ import torch
 
 from moemesh.checkpoint import Checkpoint
 from moemesh.errors import InvalidArgument
-from moemesh.sharding import shard_experts
 from moemesh.model import load_experts
 from moemesh.moe import ExpertGroup, LocalExperts
+from moemesh.sharding import shard_experts
 
 
 @dataclass
