@@ -28,6 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--redis", help="Redis URL (default: start a redis-server)")
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     up.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    up.add_argument("--quantize", default="none", choices=["none", "int8"], help="expert weights")
 
     for name, (settings_cls, _) in SERVICES.items():
         settings_mod.add_flags(sub.add_parser(name, help=f"run the {name} service alone"), settings_cls)
@@ -62,10 +63,15 @@ def _run(args: argparse.Namespace) -> int:
     from moemesh import demo_model
 
     if args.command == "up":
-        from moemesh.launcher import up
+        from moemesh.launcher import ClusterSpec, up
 
-        model = args.model or demo_model.ensure()
-        return up(model, args.experts, args.replicas, args.host, args.port, args.redis, args.dtype, args.wire_dtype)
+        return up(
+            ClusterSpec(
+                model=args.model or demo_model.ensure(), experts=args.experts, replicas=args.replicas, host=args.host,
+                port=args.port, redis_url=args.redis, dtype=args.dtype, wire_dtype=args.wire_dtype,
+                quantize=args.quantize,
+            )
+        )  # fmt: skip
     if args.command in SERVICES:
         import importlib
 

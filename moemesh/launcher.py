@@ -128,24 +128,42 @@ class Cluster:
                 child.proc.wait()
 
 
-def up(model: Path, experts: int, replicas: int, host: str, port: int, redis_url: str | None,
-       dtype: str, wire_dtype: str) -> int:  # fmt: skip
+@dataclass(frozen=True)
+class ClusterSpec:
+    """What `moemesh up` starts."""
+
+    model: Path
+    experts: int = 2
+    replicas: int = 1
+    host: str = "127.0.0.1"
+    port: int = 50051
+    redis_url: str | None = None
+    dtype: str = "auto"
+    wire_dtype: str = "auto"
+    quantize: str = "none"
+
+
+def up(spec: ClusterSpec) -> int:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    common = {"model": model, "host": host, "dtype": dtype, "wire-dtype": wire_dtype}
-    cluster = Cluster(host)
+    common = {"model": spec.model, "host": spec.host, "dtype": spec.dtype, "wire-dtype": spec.wire_dtype}
+    expert_flags = common | {"port": 0, "quantize": spec.quantize}
+    cluster = Cluster(spec.host)
     with tempfile.TemporaryDirectory(prefix="moemesh-redis-") as redis_dir:
         try:
+            redis_url = spec.redis_url
             if not redis_url:
                 redis_url = cluster.start_redis(Path(redis_dir))
                 print(f"[redis] ready on {redis_url}", flush=True)
             shards = [
                 cluster.service(
-                    f"expert-{i}.{r}", "expert", common | {"shard": f"{i}/{experts}", "port": 0, "registry": redis_url}
+                    f"expert-{i}.{r}",
+                    "expert",
+                    expert_flags | {"shard": f"{i}/{spec.experts}", "registry": redis_url},
                 )
-                for i in range(experts)
-                for r in range(replicas)
+                for i in range(spec.experts)
+                for r in range(spec.replicas)
             ]
             for child in shards:
                 child.wait_ready(START_TIMEOUT_S)
@@ -154,7 +172,7 @@ def up(model: Path, experts: int, replicas: int, host: str, port: int, redis_url
             gateway = cluster.service(
                 "gateway",
                 "gateway",
-                common | {"router": router_address, "redis": redis_url, "port": port, "metrics-port": 0},
+                common | {"router": router_address, "redis": redis_url, "port": spec.port, "metrics-port": 0},
             )
             print(f"gateway listening on {gateway.wait_ready(START_TIMEOUT_S)}", flush=True)
             while not stop.wait(0.5):

@@ -11,9 +11,10 @@ float32 per output channel).
 - bf16 / fp16 on CPU, up to `INT8PACK_MAX_ROWS` rows: `aten._weight_int8pack_mm`, which reads the int8
   weight directly, accumulates in fp32 and rounds once (it needs a 2-D, last-dim-contiguous input and
   scales in the input's dtype).
-- otherwise (fp32, more rows, other devices): dequantize the weight to the input's dtype and scale the
+- otherwise (fp32, more rows, other devices): convert the weight to the input's dtype and scale the
   output per channel, `F.linear(x, weight.to(x.dtype)) * scales` (the gpt-fast recipe); int8 values
-  are exact in bf16 and fp32, so only the matmul and the final scaling round.
+  are exact in bf16 and fp32, so only the matmul and the final scaling round. (fp16 past the int8pack
+  rows multiplies by the dequantized weight instead: its unscaled sums could overflow.)
 
 `quantize_int8(module)` swaps every `nn.Linear` inside a module (an expert, whatever its projections
 are called) for an `Int8Linear`; `parameter_bytes(module)` counts the bytes of its parameters and buffers.
@@ -26,9 +27,10 @@ from torch import nn
 QMAX = 127  # symmetric range [-127, 127]: -128 is never used, so negation is exact
 
 # Up to this many rows (tokens), bf16/fp16 inputs on CPU use `_weight_int8pack_mm`; above, the weight is
-# dequantized to the input's dtype for oneDNN's bf16 GEMM, whose avx512_bf16 dot products beat
-# int8pack's fp32 FMAs once the matmul is compute bound (see docs/benchmarks.md).
-INT8PACK_MAX_ROWS = 32
+# dequantized for oneDNN's bf16 GEMM. int8pack reads half the bytes of a bf16 weight but multiplies in
+# fp32 FMAs, ~0.04 ms per row on a 1024 x 2816 projection (2 threads); converting the weight costs a fixed
+# 0.08-0.24 ms and then runs at bf16 GEMM speed (~0.012 ms per row): they cross at 12-16 rows.
+INT8PACK_MAX_ROWS = 12
 
 
 def quantize_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,6 +57,7 @@ def _has_int8pack_mm() -> bool:
 
 _INT8PACK = _has_int8pack_mm()
 _INT8PACK_DTYPES = (torch.bfloat16, torch.float16)
+_WIDE_DTYPES = (torch.float32, torch.bfloat16, torch.float64)  # fp32's exponent range
 
 
 class Int8Linear(nn.Module):
@@ -87,8 +90,10 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # [M, in]
         if _INT8PACK and x.device.type == "cpu" and x.dtype in _INT8PACK_DTYPES and x2.shape[0] <= INT8PACK_MAX_ROWS:
             out = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), self.weight, self.scales.to(x.dtype))
-        else:
+        elif x.dtype in _WIDE_DTYPES:  # int8 values are exact in these; only the matmul and the scaling round
             out = F.linear(x2, self.weight.to(x.dtype)) * self.scales.to(x.dtype)
+        else:  # fp16 and others: unscaled int8 sums (up to 127 x |x| x in) could overflow before the scaling
+            out = F.linear(x2, self.dequantized(x.dtype))
         if self.bias is not None:
             out = out + self.bias.to(x.dtype)
         return out.reshape(*lead, self.out_features)

@@ -40,6 +40,7 @@ class ExpertSettings(ServiceSettings):
     shard: str = Field("0/1", description="i/N: hold the i-th of N contiguous slices of every layer's experts")
     registry: str | None = Field(None, description="Redis URL to announce this replica in (heartbeat TTL)")
     advertise: str | None = Field(None, description="address routers reach this replica at; default host:port")
+    quantize: Literal["none", "int8"] = Field("none", description="int8: weight-only, per output channel")
 
 
 class RouterSettings(ServiceSettings):

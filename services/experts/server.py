@@ -15,7 +15,7 @@ from services.experts.shard import ExpertShard
 def create_service(settings: ExpertSettings) -> tuple[Service, ExpertShard]:
     ckpt = Checkpoint(settings.model)
     dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype)
-    shard = ExpertShard.load(ckpt, settings.shard, dtype)
+    shard = ExpertShard.load(ckpt, settings.shard, dtype, settings.quantize)
     service = Service("expert", settings.host, settings.port)
     servicer = ExpertServicer(shard, dtype, settings.wire_torch_dtype(dtype))
     expert_pb2_grpc.add_ExpertServicer_to_server(servicer, service.server)

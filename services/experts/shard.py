@@ -8,6 +8,7 @@ from moemesh.checkpoint import Checkpoint
 from moemesh.errors import InvalidArgument
 from moemesh.model import load_experts
 from moemesh.moe import ExpertGroup, LocalExperts
+from moemesh.quant import parameter_bytes, quantize_int8
 from moemesh.sharding import shard_experts
 
 
@@ -21,15 +22,19 @@ class ExpertShard:
     @property
     def parameter_bytes(self) -> int:
         """Bytes of the expert weights held (what `moemesh inspect` predicts per shard)."""
-        return sum(t.numel() * t.element_size() for m in self.run.experts.values() for t in m.state_dict().values())
+        return sum(parameter_bytes(m) for m in self.run.experts.values())
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, spec: str, dtype: torch.dtype) -> "ExpertShard":
+    def load(cls, ckpt: Checkpoint, spec: str, dtype: torch.dtype, quantize: str = "none") -> "ExpertShard":
+        """Reads this shard's experts; `quantize="int8"` keeps them as int8 weights with per-channel scales."""
         cfg = ckpt.config
         experts = shard_experts(spec, cfg.num_experts)
         layers = {layer: experts for layer in cfg.moe_layers}
         pairs = [(layer, e) for layer, held in layers.items() for e in held]
-        return cls(ckpt.fingerprint, layers, cfg.hidden_size, LocalExperts(load_experts(ckpt, pairs, dtype)))
+        modules = load_experts(ckpt, pairs, dtype)
+        if quantize == "int8":
+            modules = {pair: quantize_int8(module) for pair, module in modules.items()}
+        return cls(ckpt.fingerprint, layers, cfg.hidden_size, LocalExperts(modules))
 
     def forward(self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor) -> torch.Tensor:
         """Checks the request against what this shard holds, then runs it."""

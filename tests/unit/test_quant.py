@@ -196,3 +196,34 @@ def test_parameter_bytes_counts_parameters_and_buffers_once():
     m.child = nn.Linear(8, 2, bias=False)
     m.same = m.child
     assert parameter_bytes(m) == 10 * 2 + 12 + 8 * 2 * 4
+
+
+@pytest.mark.parametrize("tokens", [1, INT8PACK_MAX_ROWS + 1])
+def test_float16_large_activations_do_not_overflow(tokens):
+    ref = linear(1024, 64)
+    q = Int8Linear.from_linear(ref)
+    x = torch.randn(tokens, 1024, generator=gen(7)) * 100  # unscaled int8 sums would pass fp16's 65504
+    with torch.inference_mode():
+        out = q(x.half())
+    assert torch.isfinite(out).all()
+    assert rel_err(out, F.linear(x.half().float(), q.dequantized())) < 1e-2
+
+
+def test_output_follows_a_new_state_dict_and_in_place_changes():
+    q = Int8Linear.from_linear(linear(64, 32, seed=0))
+    other = Int8Linear.from_linear(linear(64, 32, seed=9))
+    x = torch.randn(2, 64, generator=gen(8)).bfloat16()
+    with torch.inference_mode():
+        q(x)  # converts and keeps q's bf16 scales
+        q.load_state_dict(other.state_dict())  # copies in place into q's buffers
+        assert torch.equal(q(x), other(x))
+        q.scales.mul_(2)
+        assert torch.equal(q(x), other(x) * 2)
+
+
+def test_built_in_inference_mode_runs_in_and_out_of_it():
+    with torch.inference_mode():
+        q = quantize_int8(nn.Sequential(linear(64, 32)))
+        x = torch.randn(2, 64, generator=gen(9)).bfloat16()
+        inside = q(x)
+    assert torch.equal(q(x), inside)
