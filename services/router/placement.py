@@ -6,6 +6,7 @@ call goes to the least-loaded live replica holding the expert; a replica that fa
 skipped for `RETRY_AFTER_S` unless it is the only holder.
 """
 
+import itertools
 import logging
 import threading
 import time
@@ -61,6 +62,7 @@ class Placement:
         self._replicas: dict[str, ExpertReplica] = {}
         self._refused: set[str] = set()
         self._lock = threading.Lock()
+        self._turn = itertools.count()
 
     def add(self, address: str) -> None:
         """Connects to a replica and starts sending it traffic; a replica of another model is refused."""
@@ -95,7 +97,9 @@ class Placement:
             holders = [r for r in self._replicas.values() if (layer, expert) in r.held and r not in excluded]
         if not holders:
             raise Unavailable(f"no live expert replica holds layer {layer} expert {expert}")
-        return min(holders, key=lambda r: (not r.healthy(now), r.outstanding))
+        best = min((not r.healthy(now), r.outstanding) for r in holders)
+        tied = [r for r in holders if (not r.healthy(now), r.outstanding) == best]
+        return tied[next(self._turn) % len(tied)]  # round robin among equally loaded replicas
 
     def replicas(self) -> list[ExpertReplica]:
         with self._lock:
