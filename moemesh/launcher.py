@@ -177,7 +177,7 @@ def up(spec: ClusterSpec) -> int:
             ]
             for child in shards:
                 child.wait_ready(START_TIMEOUT_S)
-            router = cluster.service("router", "router", common | {"registry": redis_url, "port": 0})
+            router = cluster.service("router", "router", common | {"registry": redis_url, "port": 0, "metrics-port": 0})
             router_address = router.wait_ready(START_TIMEOUT_S)
             gateway = cluster.service(
                 "gateway",

@@ -117,6 +117,7 @@ class Cluster:
         ready = [re.match(r"^\[expert-([\d.]+)\] ready on (\S+)", line) for line in self.up.lines]
         self.experts = [address for _, address in sorted(m.groups() for m in ready if m)]  # by shard.replica
         self.metrics = self.up.wait_for(r"gateway metrics on (\S+)").group(1)
+        self.router_metrics = self.up.wait_for(r"router metrics on (\S+)").group(1)
         redis_line = [m for line in self.up.lines if (m := re.match(r"^\[redis\] ready on (\S+)", line))]
         self.redis = redis_line[0].group(1) if redis_line else None
         self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)

@@ -1,7 +1,10 @@
 """Expert pools that scale and survive: failover, a joining replica, drain, no replica left, backpressure."""
 
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -153,3 +156,31 @@ def test_full_queue_is_resource_exhausted_and_memory_stays_bounded(pool, mixtral
         assert rss_mb() - before < 200
     finally:
         gateway.close()
+
+
+def test_plan_applied_live_loses_nothing(pool, mixtral_dir, expected):
+    """`moemesh plan` from the router's measured load; its pools join, the old replicas drain, under load.
+    Last in this module: it leaves the pool cluster without its original replicas."""
+    out = subprocess.run(
+        [sys.executable, "-m", "moemesh.cli", "plan", str(mixtral_dir), "--metrics", pool.router_metrics,
+         "--pools", "2", "--slots", "3", "--registry", pool.redis],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout  # fmt: skip
+    before, after = map(float, re.search(r"load: ([\d.]+) as contiguous shards, ([\d.]+) with", out).groups())
+    assert after <= before
+    specs = re.findall(r"--shard (\S+)", out)
+    assert len(specs) == 2 and sorted({int(e) for s in specs for e in s.split(",")}) == [0, 1, 2, 3]
+    new_pools: list[ExpertProcess] = []
+
+    def rebalance():
+        new_pools.extend(ExpertProcess(mixtral_dir, spec, pool.redis) for spec in specs)
+        for victim in pool.expert_pids().values():
+            os.kill(victim, signal.SIGTERM)
+
+    try:
+        assert under_load(pool, rebalance) == expected
+        assert [tokens(pool, p) for p in PROMPTS[:4]] == expected[:4]
+        assert all(p.served() > 0 for p in new_pools)
+    finally:
+        for p in new_pools:
+            p.close()

@@ -9,6 +9,7 @@ import logging
 import time
 
 import torch
+from prometheus_client import Counter
 
 from moemesh import codec
 from moemesh.errors import DeadlineExceeded, Unavailable
@@ -19,6 +20,8 @@ from services.router.placement import ExpertReplica, Placement
 
 log = logging.getLogger(__name__)
 
+EXPERT_TOKENS = Counter("moemesh_router_expert_tokens", "Tokens routed to each expert", ["layer", "expert"])
+
 Part = tuple[ExpertGroup, int]  # a group and the row where it starts
 
 
@@ -28,6 +31,8 @@ class RemoteExperts:
         self.compute_dtype, self.wire_dtype, self.timeout_s = compute_dtype, wire_dtype, timeout_s
 
     def __call__(self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor) -> torch.Tensor:
+        for g in groups:
+            EXPERT_TOKENS.labels(layer=str(layer), expert=str(g.expert)).inc(g.num_tokens)
         out = torch.empty_like(rows)
         starts = [0]
         for g in groups[:-1]:

@@ -11,6 +11,7 @@ from moemesh.model import load_gates
 from moemesh.moe import RoutedMoE
 from moemesh.rpc import Service
 from moemesh.settings import RouterSettings
+from moemesh.telemetry import serve_metrics
 from moemesh.v1 import router_pb2_grpc
 from services.router.dispatch import RemoteExperts
 from services.router.placement import Discovery, Placement
@@ -49,5 +50,6 @@ def serve(settings: RouterSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     service = create_service(settings)
+    serve_metrics("router", settings.host, settings.metrics_port)
     service.start()
     service.serve_until_signal(settings.grace_s)
