@@ -44,6 +44,13 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument("--shards", type=int, default=2)
     inspect.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
 
+    plan = sub.add_parser("plan", help="balance experts over pools from a router's measured load (EPLB-style)")
+    plan.add_argument("model", type=Path)
+    plan.add_argument("--metrics", required=True, help="the router's metrics address, host:port")
+    plan.add_argument("--pools", type=int, default=2, help="expert services (pools)")
+    plan.add_argument("--slots", type=int, help="experts per pool (default: experts / pools + 1)")
+    plan.add_argument("--registry", default="redis://127.0.0.1:6379/0", help="printed in the commands")
+
     demo = sub.add_parser("build-demo-model", help="write the demo checkpoint")
     demo.add_argument("--out", type=Path)
     return parser
@@ -90,6 +97,17 @@ def _run(args: argparse.Namespace) -> int:
         ckpt = Checkpoint(args.model)
         dtype = ckpt.config.checkpoint_dtype if args.dtype == "auto" else parse_dtype(args.dtype)
         print(report(ckpt, args.shards, dtype))
+        return 0
+    if args.command == "plan":
+        import urllib.request
+
+        from moemesh.families import load_config
+        from moemesh.plan import balance, load_from_metrics, report
+
+        cfg = load_config(args.model)
+        text = urllib.request.urlopen(f"http://{args.metrics}/metrics", timeout=10).read().decode()
+        slots = args.slots or cfg.num_experts // args.pools + 1
+        print(report(balance(load_from_metrics(text), cfg.num_experts, args.pools, slots), args.model, args.registry))
         return 0
     if args.command == "build-demo-model":
         print(demo_model.build(args.out or demo_model.DEMO_DIR))

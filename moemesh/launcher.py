@@ -34,6 +34,7 @@ class Child:
     proc: subprocess.Popen
     address: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
+    reported: bool = False  # its exit was logged
 
     def pump_output(self) -> None:
         """Echoes the child's stdout with its name, and catches its ready line."""
@@ -113,7 +114,16 @@ class Cluster:
         raise ClusterError("redis-server did not answer PING within 30s")
 
     def first_dead(self) -> Child | None:
-        return next((c for c in self.children if c.proc.poll() is not None), None)
+        """The first essential child that exited. An expert replica is not essential: the router
+        moves its traffic to the other replicas of its shard, and a replacement can join any time."""
+        for child in self.children:
+            if child.proc.poll() is None or child.reported:
+                continue
+            if not child.name.startswith("expert-"):
+                return child
+            print(f"[{child.name}] exited with code {child.proc.returncode}", flush=True)
+            child.reported = True
+        return None
 
     def stop(self, grace_s: float = 15.0) -> None:
         for child in reversed(self.children):
@@ -157,12 +167,17 @@ def up(spec: ClusterSpec) -> int:
                 redis_url = cluster.start_redis(Path(redis_dir))
                 print(f"[redis] ready on {redis_url}", flush=True)
             shards = [
-                cluster.service(f"expert-{i}.{r}", "expert", expert_flags | {"shard": f"{i}/{spec.experts}"})
+                cluster.service(
+                    f"expert-{i}.{r}",
+                    "expert",
+                    expert_flags | {"shard": f"{i}/{spec.experts}", "registry": redis_url},
+                )
                 for i in range(spec.experts)
                 for r in range(spec.replicas)
             ]
-            addresses = [child.wait_ready(START_TIMEOUT_S) for child in shards]
-            router = cluster.service("router", "router", common | {"experts": ",".join(addresses), "port": 0})
+            for child in shards:
+                child.wait_ready(START_TIMEOUT_S)
+            router = cluster.service("router", "router", common | {"registry": redis_url, "port": 0, "metrics-port": 0})
             router_address = router.wait_ready(START_TIMEOUT_S)
             gateway = cluster.service(
                 "gateway",

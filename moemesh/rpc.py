@@ -72,12 +72,15 @@ class Service:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         print(f"{self.name} listening on {self.address}", flush=True)
 
-    def serve_until_signal(self, grace_s: float) -> None:
-        """Blocks until SIGTERM/SIGINT, then reports NOT_SERVING and drains for `grace_s`."""
+    def serve_until_signal(self, grace_s: float, before_drain: Callable[[], None] | None = None) -> None:
+        """Blocks until SIGTERM/SIGINT, then runs `before_drain` (leave a registry), reports NOT_SERVING,
+        and lets in-flight calls finish for up to `grace_s` while refusing new ones."""
         stop = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
+        if before_drain is not None:
+            before_drain()
         self.health.enter_graceful_shutdown()
         self.server.stop(grace_s).wait()
 

@@ -28,6 +28,7 @@ class ServiceSettings(BaseSettings):
     wire_dtype: WireDType = Field("auto", description="dtype of tensors between services; auto: the compute dtype")
     threads: int = Field(0, description="torch intra-op threads; 0: torch's default")
     grace_s: float = Field(10.0, description="seconds to finish in-flight work on SIGTERM")
+    metrics_port: int = Field(-1, description="Prometheus metrics HTTP port; -1: off, 0: a free port")
 
     def compute_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
         return checkpoint_dtype if self.dtype == "auto" else parse_dtype(self.dtype)
@@ -38,12 +39,16 @@ class ServiceSettings(BaseSettings):
 
 class ExpertSettings(ServiceSettings):
     shard: str = Field("0/1", description="i/N: hold the i-th of N contiguous slices of every layer's experts")
+    registry: str | None = Field(None, description="Redis URL to announce this replica in (heartbeat TTL)")
+    advertise: str | None = Field(None, description="address routers reach this replica at; default host:port")
     quantize: Literal["none", "int8"] = Field("none", description="int8: weight-only, per output channel")
 
 
 class RouterSettings(ServiceSettings):
-    experts: list[str] = Field(description="comma-separated expert service addresses (host:port)")
-    call_timeout_s: float = Field(30.0, description="deadline of one expert call")
+    experts: list[str] = Field([], description="comma-separated static expert service addresses (host:port)")
+    registry: str | None = Field(None, description="Redis URL where expert replicas announce themselves")
+    call_timeout_s: float = Field(30.0, description="deadline of one MoE layer's expert calls, resends included")
+    start_timeout_s: float = Field(300.0, description="how long to wait at start for every expert to have a replica")
 
 
 class GatewaySettings(ServiceSettings):
@@ -56,7 +61,6 @@ class GatewaySettings(ServiceSettings):
     max_new_tokens_limit: int = Field(4096, description="largest max_new_tokens a request may ask for")
     max_context: int = Field(0, description="longest prompt + completion; 0: the model's max_position_embeddings")
     router_timeout_s: float = Field(60.0, description="deadline of one router call")
-    metrics_port: int = Field(-1, description="Prometheus metrics HTTP port; -1: off, 0: a free port")
     workers: int = Field(256, description="gRPC worker threads (concurrent RPCs)")
     session_ttl_s: int = Field(3600, description="seconds a session lives after its last use")
     max_session_turns: int = Field(256, description="most turns in one session")

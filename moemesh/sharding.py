@@ -9,7 +9,18 @@ from moemesh.families import TensorTable
 
 
 def shard_experts(spec: str, num_experts: int) -> list[int]:
-    """`"i/N"`: the i-th of N contiguous, near-equal slices of the expert ids (the same in every layer)."""
+    """`"i/N"`: the i-th of N contiguous, near-equal slices of the expert ids; or an explicit list
+    `"3,5,7"` (what `moemesh plan` prints). The same experts in every MoE layer."""
+    if "/" not in spec:
+        try:
+            experts = sorted({int(part) for part in spec.split(",")})
+        except ValueError:
+            raise InvalidArgument(
+                f"shard: expected i/N such as 0/2 or expert ids such as 3,5,7, got {spec!r}"
+            ) from None
+        if not experts or experts[0] < 0 or experts[-1] >= num_experts:
+            raise InvalidArgument(f"shard: expert ids {spec!r} must lie in [0, {num_experts})")
+        return experts
     try:
         index, count = (int(part) for part in spec.split("/"))
     except ValueError:

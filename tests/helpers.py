@@ -117,8 +117,24 @@ class Cluster:
         ready = [re.match(r"^\[expert-([\d.]+)\] ready on (\S+)", line) for line in self.up.lines]
         self.experts = [address for _, address in sorted(m.groups() for m in ready if m)]  # by shard.replica
         self.metrics = self.up.wait_for(r"gateway metrics on (\S+)").group(1)
+        self.router_metrics = self.up.wait_for(r"router metrics on (\S+)").group(1)
+        redis_line = [m for line in self.up.lines if (m := re.match(r"^\[redis\] ready on (\S+)", line))]
+        self.redis = redis_line[0].group(1) if redis_line else None
         self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def expert_pids(self) -> dict[str, int]:
+        """Expert replica processes by their `--shard` spec and order: {"0/2#0": pid, ...}."""
+        out = subprocess.run(
+            ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.up.proc.pid)], capture_output=True, text=True
+        )
+        pids: dict[str, int] = {}
+        for line in out.stdout.splitlines():
+            pid, args = line.split(maxsplit=1)
+            if match := re.search(r" expert .*--shard (\S+)", args):
+                n = sum(1 for k in pids if k.startswith(match.group(1)))
+                pids[f"{match.group(1)}#{n}"] = int(pid)
+        return pids
 
     def metric(self, name: str) -> float:
         import urllib.request
@@ -220,4 +236,32 @@ class GatewayProcess:
     def close(self) -> None:
         self.channel.close()
         self.proc.terminate()
+        self.proc.wait(30)
+
+
+class ExpertProcess:
+    """One more expert replica (`moemesh expert`) announcing itself in the registry."""
+
+    def __init__(self, model_dir: Path, shard: str, registry: str, *args: str):
+        argv = [sys.executable, "-m", "moemesh.cli", "expert", "--model", str(model_dir), "--shard", shard,
+                "--registry", registry, "--port", "0", "--dtype", "float32", *args]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in self.proc.stdout:
+            if match := re.match(r"^expert listening on (\S+)", line):
+                self.address = match.group(1)
+                break
+        else:
+            raise AssertionError(f"expert exited with {self.proc.wait()}")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def served(self) -> int:
+        from moemesh.v1 import expert_pb2, expert_pb2_grpc
+
+        with grpc.insecure_channel(self.address) as channel:
+            info = expert_pb2_grpc.ExpertStub(channel).Describe(expert_pb2.DescribeExpertRequest(), timeout=10)
+        return info.requests_served
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
         self.proc.wait(30)

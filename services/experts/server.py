@@ -1,8 +1,10 @@
 """`moemesh expert`: load a shard and serve it."""
 
+import redis
 import torch
 
 from moemesh.checkpoint import Checkpoint
+from moemesh.registry import Registration
 from moemesh.rpc import Service
 from moemesh.settings import ExpertSettings
 from moemesh.v1 import expert_pb2_grpc
@@ -10,19 +12,25 @@ from services.experts.servicer import ExpertServicer
 from services.experts.shard import ExpertShard
 
 
-def create_service(settings: ExpertSettings) -> Service:
+def create_service(settings: ExpertSettings) -> tuple[Service, ExpertShard]:
     ckpt = Checkpoint(settings.model)
     dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype)
     shard = ExpertShard.load(ckpt, settings.shard, dtype, settings.quantize)
     service = Service("expert", settings.host, settings.port)
     servicer = ExpertServicer(shard, dtype, settings.wire_torch_dtype(dtype))
     expert_pb2_grpc.add_ExpertServicer_to_server(servicer, service.server)
-    return service
+    return service, shard
 
 
 def serve(settings: ExpertSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    service = create_service(settings)
+    service, shard = create_service(settings)
     service.start()
-    service.serve_until_signal(settings.grace_s)
+    registration = None
+    if settings.registry:
+        info = {"fingerprint": shard.fingerprint, "layers": shard.layers}
+        client = redis.Redis.from_url(settings.registry, socket_timeout=2)
+        registration = Registration(client, settings.advertise or service.address, info)
+        registration.start()
+    service.serve_until_signal(settings.grace_s, before_drain=registration.stop if registration else None)

@@ -3,13 +3,13 @@
 import redis
 import torch
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import start_http_server
 
 from moemesh.checkpoint import Checkpoint
 from moemesh.model import DenseModel, RoutedExperts, load_experts, load_gates
 from moemesh.moe import LocalExperts, RoutedMoE
 from moemesh.rpc import Service
 from moemesh.settings import GatewaySettings
+from moemesh.telemetry import serve_metrics
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.chat import Conversations
 from services.gateway.chat_template import ChatTemplate, eos_token_ids
@@ -86,9 +86,7 @@ def serve(settings: GatewaySettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     service, engine = create_service(settings)
-    if settings.metrics_port >= 0:
-        server, _ = start_http_server(settings.metrics_port, addr=settings.host)
-        print(f"gateway metrics on {settings.host}:{server.server_port}", flush=True)
+    serve_metrics("gateway", settings.host, settings.metrics_port)
     engine.start()
     service.start()
     service.serve_until_signal(settings.grace_s)

@@ -1,13 +1,28 @@
-"""Where each (layer, expert) lives: expert replicas discovered by asking each address."""
+"""Where each (layer, expert) lives: a live table of expert replicas, changed while traffic flows.
 
+Replicas come from a static address list and, with a registry, from the announcements in Redis:
+one that joins takes traffic at the next poll, one that leaves or stops answering gets none. Each
+call goes to the least-loaded live replica holding the expert; a replica that failed a call is
+skipped for `RETRY_AFTER_S` unless it is the only holder.
+"""
+
+import itertools
+import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 import grpc
+import redis
 
+from moemesh import registry
 from moemesh.errors import CheckpointError, Unavailable
 from moemesh.rpc import CHANNEL_OPTIONS, StreamClient
 from moemesh.v1 import expert_pb2, expert_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 2.0
 
 
 @dataclass(eq=False)
@@ -16,6 +31,7 @@ class ExpertReplica:
     held: set[tuple[int, int]]
     client: StreamClient
     outstanding: int = 0  # calls in flight; the least-loaded replica is chosen
+    failed_at: float = 0.0  # monotonic time of the last failed call
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
@@ -35,24 +51,92 @@ class ExpertReplica:
         client = StreamClient(address, lambda ch: expert_pb2_grpc.ExpertStub(ch).Forward)
         return cls(address, held, client)
 
+    def healthy(self, now: float) -> bool:
+        return now - self.failed_at > RETRY_AFTER_S
+
 
 class Placement:
-    """Replicas per (layer, expert); `pick` returns the least-loaded one holding an expert."""
+    def __init__(self, layers: tuple[int, ...], num_experts: int, fingerprint: str, connect_timeout_s: float):
+        self.layers, self.num_experts = layers, num_experts
+        self.fingerprint, self.connect_timeout_s = fingerprint, connect_timeout_s
+        self._replicas: dict[str, ExpertReplica] = {}
+        self._refused: set[str] = set()
+        self._lock = threading.Lock()
+        self._turn = itertools.count()
 
-    def __init__(self, replicas: list[ExpertReplica], layers: range, num_experts: int):
-        self.replicas = replicas
-        self._holders: dict[tuple[int, int], list[ExpertReplica]] = {}
-        for replica in replicas:
-            for pair in replica.held:
-                self._holders.setdefault(pair, []).append(replica)
-        missing = [(layer, e) for layer in layers for e in range(num_experts) if (layer, e) not in self._holders]
-        if missing:
-            layer, expert = missing[0]
-            raise CheckpointError(f"no expert service holds layer {layer} expert {expert} ({len(missing)} missing)")
+    def add(self, address: str) -> None:
+        """Connects to a replica and starts sending it traffic; a replica of another model is refused."""
+        if address in self._replicas or address in self._refused:
+            return
+        try:
+            replica = ExpertReplica.connect(address, self.fingerprint, self.connect_timeout_s)
+        except CheckpointError as exc:
+            self._refused.add(address)
+            log.warning("%s", exc)
+            return
+        with self._lock:
+            self._replicas[address] = replica
+        log.info("expert replica %s joined (%d experts)", address, len(replica.held))
 
-    def pick(self, layer: int, expert: int) -> ExpertReplica:
-        return min(self._holders[(layer, expert)], key=lambda r: r.outstanding)
+    def remove(self, address: str) -> None:
+        with self._lock:
+            replica = self._replicas.pop(address, None)
+        if replica is not None:
+            log.info("expert replica %s left", address)
+            replica.client.close()
+
+    def missing(self) -> list[tuple[int, int]]:
+        with self._lock:
+            held = set().union(*(r.held for r in self._replicas.values()))
+        return [(layer, e) for layer in self.layers for e in range(self.num_experts) if (layer, e) not in held]
+
+    def pick(self, layer: int, expert: int, excluded: set[ExpertReplica]) -> ExpertReplica:
+        """The least-loaded replica holding the expert, preferring ones that have not failed lately."""
+        now = time.monotonic()
+        with self._lock:
+            holders = [r for r in self._replicas.values() if (layer, expert) in r.held and r not in excluded]
+        if not holders:
+            raise Unavailable(f"no live expert replica holds layer {layer} expert {expert}")
+        best = min((not r.healthy(now), r.outstanding) for r in holders)
+        tied = [r for r in holders if (not r.healthy(now), r.outstanding) == best]
+        return tied[next(self._turn) % len(tied)]  # round robin among equally loaded replicas
+
+    def replicas(self) -> list[ExpertReplica]:
+        with self._lock:
+            return list(self._replicas.values())
 
     def close(self) -> None:
-        for replica in self.replicas:
+        for replica in self.replicas():
             replica.client.close()
+
+
+class Discovery:
+    """Polls the registry and keeps the placement equal to the announced replicas of this model."""
+
+    def __init__(self, placement: Placement, client: redis.Redis, static: list[str], interval_s: float = 0.5):
+        self.placement, self.client, self.static, self.interval_s = placement, client, set(static), interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, name="discovery", daemon=True)
+
+    def start(self) -> None:
+        self.sync()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def sync(self) -> None:
+        try:
+            live = registry.announced(self.client)
+        except redis.RedisError as exc:  # keep the table as it is until Redis answers again
+            log.warning("registry unavailable: %s", exc)
+            return
+        for address in live:
+            self.placement.add(address)
+        for replica in self.placement.replicas():
+            if replica.address not in live and replica.address not in self.static:
+                self.placement.remove(replica.address)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.sync()

@@ -1,15 +1,20 @@
-"""`moemesh router`: hold the gates, find the expert replicas, serve."""
+"""`moemesh router`: hold the gates, keep a live table of expert replicas, serve."""
 
+import time
+
+import redis
 import torch
 
 from moemesh.checkpoint import Checkpoint
+from moemesh.errors import CheckpointError
 from moemesh.model import load_gates
 from moemesh.moe import RoutedMoE
 from moemesh.rpc import Service
 from moemesh.settings import RouterSettings
+from moemesh.telemetry import serve_metrics
 from moemesh.v1 import router_pb2_grpc
 from services.router.dispatch import RemoteExperts
-from services.router.placement import ExpertReplica, Placement
+from services.router.placement import Discovery, Placement
 from services.router.servicer import RouterServicer
 
 
@@ -18,19 +23,33 @@ def create_service(settings: RouterSettings) -> Service:
     cfg = ckpt.config
     dtype = settings.compute_dtype(cfg.checkpoint_dtype)
     wire = settings.wire_torch_dtype(dtype)
-    replicas = [ExpertReplica.connect(a, ckpt.fingerprint, settings.call_timeout_s) for a in settings.experts]
-    placement = Placement(replicas, cfg.moe_layers, cfg.num_experts)
-    moe = RoutedMoE(
-        load_gates(ckpt, dtype), RemoteExperts(placement, dtype, wire, settings.call_timeout_s), cfg.num_experts
-    )
+    placement = Placement(cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, settings.call_timeout_s)
+    for address in settings.experts:
+        placement.add(address)
+    if settings.registry:
+        Discovery(placement, redis.Redis.from_url(settings.registry, socket_timeout=2), settings.experts).start()
+    wait_for_coverage(placement, settings.start_timeout_s)
+    executor = RemoteExperts(placement, dtype, wire, settings.call_timeout_s)
+    moe = RoutedMoE(load_gates(ckpt, dtype), executor, cfg.num_experts)
     service = Service("router", settings.host, settings.port)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(moe, cfg.hidden_size, dtype, wire), service.server)
     return service
+
+
+def wait_for_coverage(placement: Placement, timeout_s: float) -> None:
+    """Blocks until every (layer, expert) has a replica; fails naming the first one without."""
+    deadline = time.monotonic() + timeout_s
+    while missing := placement.missing():
+        if time.monotonic() > deadline:
+            layer, expert = missing[0]
+            raise CheckpointError(f"no expert service holds layer {layer} expert {expert} ({len(missing)} missing)")
+        time.sleep(0.2)
 
 
 def serve(settings: RouterSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
     service = create_service(settings)
+    serve_metrics("router", settings.host, settings.metrics_port)
     service.start()
     service.serve_until_signal(settings.grace_s)

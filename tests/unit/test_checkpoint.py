@@ -278,7 +278,9 @@ def test_parse_shard_covers_every_expert_once(num_experts):
         assert max(sizes) - min(sizes) <= 1  # near-equal
 
 
-@pytest.mark.parametrize("spec", ["", "1", "a/b", "1/2/3", "1/", "/2", "2/2", "-1/2", "0/0", "1/0", "0/5", "0.5/2"])
+@pytest.mark.parametrize(
+    "spec", ["", "4", "1,x", "-1", "a/b", "1/2/3", "1/", "/2", "2/2", "-1/2", "0/0", "1/0", "0/5", "0.5/2"]
+)
 def test_parse_shard_rejects_bad_specs(spec):
     with pytest.raises(InvalidArgument, match="shard"):
         shard_experts(spec, 4)
