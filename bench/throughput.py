@@ -367,7 +367,8 @@ def run_distributed(model: Path, experts: int, levels: list[int], num_requests: 
                 prof = profile_engine(label, engine, max(levels), num_requests, vocab_size, max_new)
             finally:
                 engine.stop()
-                engine.routed.client.close()
+                for client in engine.routed.clients:
+                    client.close()
                 torch.set_num_threads(threads)
         return results, prof
     finally:

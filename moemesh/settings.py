@@ -52,7 +52,9 @@ class RouterSettings(ServiceSettings):
 
 
 class GatewaySettings(ServiceSettings):
-    router: str | None = Field(None, description="router address; unset: run the experts in this process")
+    router: str | None = Field(
+        None, description="router addresses, comma-separated (failover in order); unset: experts in this process"
+    )
     redis: str | None = Field(None, description="Redis URL for sessions")
     max_batch_seqs: int = Field(64, description="most sequences in one engine step")
     max_batch_tokens: int = Field(512, description="token budget of one engine step (chunked prefill)")

@@ -265,3 +265,24 @@ class ExpertProcess:
         if self.proc.poll() is None:
             self.proc.terminate()
         self.proc.wait(30)
+
+
+class RouterProcess:
+    """One more router (`moemesh router`) that finds the expert replicas in the registry."""
+
+    def __init__(self, model_dir: Path, registry: str):
+        argv = [sys.executable, "-m", "moemesh.cli", "router", "--model", str(model_dir), "--registry", registry,
+                "--port", "0", "--dtype", "float32"]  # fmt: skip
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        for line in self.proc.stdout:
+            if match := re.match(r"^router listening on (\S+)", line):
+                self.address = match.group(1)
+                break
+        else:
+            raise AssertionError(f"router exited with {self.proc.wait()}")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(30)

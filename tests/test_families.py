@@ -48,7 +48,7 @@ def test_distributed_path_matches_transformers(family, family_dirs):
         assert list(response.token_ids) == hf_tokens
         expected = hf_logprobs(hf_tokens, hf_logits)
         assert max(abs(a - b) for a, b in zip(response.logprobs, expected, strict=True)) < LOGIT_TOLERANCE
-        router = lambda ckpt: RouterClient(cluster.router, torch.float32, torch.float32, timeout_s=60)  # noqa: E731
+        router = lambda ckpt: RouterClient([cluster.router], torch.float32, torch.float32, timeout_s=60)  # noqa: E731
         tokens, logits = stepwise_logits(model_dir, router, PROMPT, STEPS)
         assert tokens == hf_tokens
         assert max_logit_diff(logits, hf_logits) < LOGIT_TOLERANCE

@@ -80,7 +80,7 @@ def test_distributed_path_matches_transformers(checkpoint, request):
     diffs = [abs(a - b) for a, b in zip(response.logprobs, hf_logprobs(hf_tokens, hf_logits), strict=True)]
     assert max(diffs) < LOGIT_TOLERANCE
 
-    router = lambda ckpt: RouterClient(cluster.router, torch.float32, torch.float32, timeout_s=60)  # noqa: E731
+    router = lambda ckpt: RouterClient([cluster.router], torch.float32, torch.float32, timeout_s=60)  # noqa: E731
     tokens, logits = stepwise_logits(model_dir, router, PROMPT, STEPS)
     assert tokens == hf_tokens
     assert max_logit_diff(logits, hf_logits) < LOGIT_TOLERANCE

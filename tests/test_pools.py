@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from moemesh.v1 import gateway_pb2
-from tests.helpers import Cluster, ExpertProcess, GatewayProcess
+from tests.helpers import Cluster, ExpertProcess, GatewayProcess, RouterProcess
 
 pytestmark = pytest.mark.integration
 
@@ -184,3 +184,43 @@ def test_plan_applied_live_loses_nothing(pool, mixtral_dir, expected):
     finally:
         for p in new_pools:
             p.close()
+
+
+def test_gateway_fails_over_to_another_router(mixtral_window_dir):
+    """A gateway with two routers: the one in use is killed under load, the other takes over unseen."""
+    cluster = Cluster(mixtral_window_dir, "--experts", "2", "--dtype", "float32")
+    spare = RouterProcess(mixtral_window_dir, cluster.redis)
+    gateway = GatewayProcess(mixtral_window_dir, f"{spare.address},{cluster.router}", cluster.redis)
+    try:
+        prompts = [[(7 * i + j) % 500 for j in range(5 + i)] for i in range(16)]
+        alone = [tokens_from(gateway.stub, p) for p in prompts]
+        started = threading.Semaphore(0)
+
+        def one(prompt):
+            request = gateway_pb2.GenerateRequest(
+                prompt_token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_new_tokens=NEW_TOKENS)
+            )
+            out = []
+            for i, r in enumerate(gateway.stub.GenerateStream(request, timeout=120)):
+                if i == 0:
+                    started.release()
+                out += r.token_ids
+            return out
+
+        with ThreadPoolExecutor(16) as workers:
+            results = [workers.submit(one, p) for p in prompts]
+            for _ in range(8):
+                started.acquire(timeout=60)
+            spare.proc.kill()
+            assert [r.result() for r in results] == alone
+    finally:
+        gateway.close()
+        spare.close()
+        cluster.close()
+
+
+def tokens_from(stub, prompt: list[int]) -> list[int]:
+    request = gateway_pb2.GenerateRequest(
+        prompt_token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_new_tokens=NEW_TOKENS)
+    )
+    return list(stub.Generate(request, timeout=60).token_ids)

@@ -67,7 +67,7 @@ class Conversations:
                     state.messages = history + [{"role": "assistant", "content": "".join(reply)}]
                     state.token_ids = prompt + seq.output_ids
                     state.turns += 1
-                    self.kv.save(session_id, seq.cache, state.token_ids, first_chunk=cached // self.kv.chunk)
+                    self.kv.save(session_id, seq.cache, state.token_ids, cached)
                     self.store.save(state)
                 yield output
 

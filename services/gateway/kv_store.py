@@ -1,14 +1,16 @@
-"""A session's KV cache in Redis, in fixed-size token chunks, so any gateway can continue the session.
+"""A session's KV cache in Redis, in token chunks, so any gateway replica can continue the session.
 
-Chunk j of a session holds positions [j*C, (j+1)*C) of every layer's cache tensors as raw bytes
-(`moemesh:kv:{session}:{j}`) and, written after it in the same pipeline, its metadata
-(`...:meta`: model tag, dtype, shapes, the chunk's token ids, byte count, CRC-32). A chunk is used
-only if all of that matches the new prompt; anything missing, stale or corrupt ends the reusable
-prefix there, and the engine recomputes the rest, so the output never differs from a full recompute.
-For sliding-window models only the chunks the next query can still see are stored and loaded.
+Chunk j of a session holds positions [j*C, min((j+1)*C, L)) of every layer's cache tensors as raw
+bytes (`moemesh:session:{id}:kv:{j}`; the last chunk may be partial and is rewritten as it grows)
+and, written after it in the same pipeline, its metadata (`...:meta`: model tag, dtype, the chunk's
+token ids, byte count, CRC-32). A chunk is used only if all of that matches the new prompt; anything
+missing, stale or corrupt ends the reusable prefix there and the engine recomputes the rest, so the
+output never differs from a full recompute. For sliding-window models only the chunks the next query
+can still see are stored and loaded.
 """
 
 import json
+import math
 import zlib
 
 import redis
@@ -23,20 +25,21 @@ class KVStore:
         self.redis, self.model_tag, self.chunk, self.ttl_s, self.window = client, model_tag, chunk_tokens, ttl_s, window
 
     def keys(self, session_id: str, num_tokens: int) -> list[str]:
-        return [k for j in range(num_tokens // self.chunk + 1) for k in self._keys(session_id, j)]
+        return [k for j in range(math.ceil(num_tokens / self.chunk) + 1) for k in self._keys(session_id, j)]
 
     @redis_errors
-    def save(self, session_id: str, cache: KVCache, token_ids: list[int], first_chunk: int) -> None:
-        """Writes the complete chunks from `first_chunk` on (the earlier ones are already there)."""
-        end = cache.length // self.chunk
-        first = max(first_chunk, self._first_visible(end * self.chunk))
+    def save(self, session_id: str, cache: KVCache, token_ids: list[int], cached: int) -> None:
+        """Writes the chunks from the one holding position `cached` on (the earlier ones are stored)."""
+        first_chunk = cached // self.chunk
+        first = max(first_chunk, self._first_visible(cache.length))
         with self.redis.pipeline(transaction=False) as pipe:
-            for j in range(first, end):
-                data = self._chunk_bytes(cache, j)
+            for j in range(first, math.ceil(cache.length / self.chunk)):
+                rows = range(j * self.chunk, min((j + 1) * self.chunk, cache.length))
+                data = b"".join(_rows_bytes(t, rows) for layer in cache.layers for t in layer)
                 meta = {
                     "model": self.model_tag,
                     "dtype": str(cache.layers[0][0].dtype),
-                    "tokens": token_ids[j * self.chunk : (j + 1) * self.chunk],
+                    "tokens": token_ids[rows.start : rows.stop],
                     "nbytes": len(data),
                     "crc32": zlib.crc32(data),
                 }
@@ -50,24 +53,22 @@ class KVStore:
 
     @redis_errors
     def load(self, session_id: str, prompt: list[int], stored_tokens: list[int], cache: KVCache) -> int:
-        """Fills `cache` with the longest valid chunked prefix of `prompt`; returns its length in tokens."""
-        limit = min(_common_prefix(prompt, stored_tokens), len(prompt) - 1)  # the last token is always computed
-        end = limit // self.chunk  # candidate: chunks [0, end)
+        """Fills `cache` with the longest valid stored prefix of `prompt`; returns its length in tokens."""
+        end = min(_common_prefix(prompt, stored_tokens), len(prompt) - 1)  # the last token is always computed
         fetched: dict[int, tuple[bytes | None, bytes | None]] = {}
         while end > 0:
-            needed = range(self._first_visible(end * self.chunk), end)
+            needed = range(self._first_visible(end), math.ceil(end / self.chunk))
             missing = [j for j in needed if j not in fetched]
             if missing:
-                keys = [k for j in missing for k in self._keys(session_id, j)]
-                values = self.redis.mget(keys)
+                values = self.redis.mget([k for j in missing for k in self._keys(session_id, j)])
                 fetched |= {j: (values[2 * i], values[2 * i + 1]) for i, j in enumerate(missing)}
-            bad = next((j for j in needed if not self._valid(*fetched[j], prompt, j, cache)), None)
+            bad = next((j for j in needed if not self._valid(*fetched[j], prompt, j, end, cache)), None)
             if bad is None:
                 for j in needed:
-                    self._fill(cache, j, fetched[j][0])
-                cache.length = end * self.chunk
-                return cache.length
-            end = bad
+                    self._fill(cache, j, end, fetched[j])
+                cache.length = end
+                return end
+            end = bad * self.chunk
         return 0
 
     def _first_visible(self, end: int) -> int:
@@ -78,35 +79,48 @@ class KVStore:
         data = f"{session_key(session_id)}:kv:{j}"
         return data, data + ":meta"
 
-    def _chunk_bytes(self, cache: KVCache, j: int) -> bytes:
-        rows = slice(j * self.chunk, (j + 1) * self.chunk)
-        parts = [t[rows].contiguous().view(torch.uint8).numpy().tobytes() for layer in cache.layers for t in layer]
-        return b"".join(parts)
-
-    def _valid(self, data: bytes | None, meta: bytes | None, prompt: list[int], j: int, cache: KVCache) -> bool:
+    def _valid(self, data: bytes | None, meta: bytes | None, prompt: list[int], j: int, end: int, cache: KVCache):
+        """The chunk is intact, of this model, and covers the prompt's tokens up to `end` (or its whole span)."""
         if data is None or meta is None:
             return False
         try:
             m = json.loads(meta)
         except ValueError:
             return False
-        expected_bytes = self.chunk * sum(t[0].numel() * t.element_size() for layer in cache.layers for t in layer)
+        tokens = m.get("tokens") or []
+        start = j * self.chunk
+        used = min(len(tokens), end - start)
         return (
             m.get("model") == self.model_tag
             and m.get("dtype") == str(cache.layers[0][0].dtype)
-            and m.get("tokens") == prompt[j * self.chunk : (j + 1) * self.chunk]
-            and m.get("nbytes") == len(data) == expected_bytes
+            and used == min(self.chunk, end - start)
+            and tokens[:used] == prompt[start : start + used]
+            and m.get("nbytes") == len(data) == len(tokens) * _row_bytes(cache)
             and m.get("crc32") == zlib.crc32(data)
         )
 
-    def _fill(self, cache: KVCache, j: int, data: bytes) -> None:
+    def _fill(self, cache: KVCache, j: int, end: int, chunk: tuple[bytes, bytes]) -> None:
+        data, meta = chunk
+        stored = len(json.loads(meta)["tokens"])
+        start = j * self.chunk
+        used = min(stored, end - start)
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        rows, offset = slice(j * self.chunk, (j + 1) * self.chunk), 0
+        offset = 0
         for layer in cache.layers:
             for t in layer:
-                n = self.chunk * t[0].numel() * t.element_size()
-                t[rows] = raw[offset : offset + n].view(t.dtype).view(self.chunk, *t.shape[1:])
+                n = stored * t[0].numel() * t.element_size()
+                rows = raw[offset : offset + n].view(t.dtype).view(stored, *t.shape[1:])
+                t[start : start + used] = rows[:used]
                 offset += n
+
+
+def _rows_bytes(t: torch.Tensor, rows: range) -> bytes:
+    return t[rows.start : rows.stop].contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def _row_bytes(cache: KVCache) -> int:
+    """Bytes one position takes across all layers' cache tensors."""
+    return sum(t[0].numel() * t.element_size() for layer in cache.layers for t in layer)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -29,8 +29,9 @@ def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
     dtype = settings.compute_dtype(cfg.checkpoint_dtype)
     routed: RoutedExperts
     if settings.router:
-        RouterClient.wait_ready(settings.router, settings.router_timeout_s)
-        routed = RouterClient(settings.router, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s)
+        routers = settings.router.split(",")
+        RouterClient.wait_ready(routers, settings.router_timeout_s)
+        routed = RouterClient(routers, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s)
     else:
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
