@@ -54,7 +54,8 @@ class KVStore:
     @redis_errors
     def load(self, session_id: str, prompt: list[int], stored_tokens: list[int], cache: KVCache) -> int:
         """Fills `cache` with the longest valid stored prefix of `prompt`; returns its length in tokens."""
-        end = min(_common_prefix(prompt, stored_tokens), len(prompt) - 1)  # the last token is always computed
+        # The prompt's last token is always computed; the stored sequence's last token never was.
+        end = min(_common_prefix(prompt, stored_tokens), len(prompt) - 1, len(stored_tokens) - 1)
         fetched: dict[int, tuple[bytes | None, bytes | None]] = {}
         while end > 0:
             needed = range(self._first_visible(end), math.ceil(end / self.chunk))
