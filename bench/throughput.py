@@ -137,9 +137,9 @@ class TimedRouted:
     def __init__(self, routed):
         self.routed, self.seconds, self.calls = routed, 0.0, 0
 
-    def submit(self, layer, hidden):
+    def submit(self, layer, hidden, deadline):
         t0 = time.perf_counter()
-        wait = self.routed.submit(layer, hidden)
+        wait = self.routed.submit(layer, hidden, deadline)
 
         def timed_wait():
             try:

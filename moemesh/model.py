@@ -22,8 +22,9 @@ from moemesh.config import GateConfig, ModelConfig, RopeConfig
 class RoutedExperts(Protocol):
     """The routed-expert half of an MoE block: gate, dispatch, expert FFNs and weighted combine."""
 
-    def submit(self, layer: int, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
-        """Starts the work for hidden [T, D]; the returned callable waits for its output [T, D]."""
+    def submit(self, layer: int, hidden: torch.Tensor, deadline: float | None) -> Callable[[], torch.Tensor]:
+        """Starts the work for hidden [T, D], due by `deadline` (time.monotonic(); None: no client
+        deadline); the returned callable waits for its output [T, D]."""
         ...
 
 
@@ -101,6 +102,7 @@ class StepBatch:
     positions: torch.Tensor  # [T]
     slices: list[SequenceSlice]
     logit_rows: torch.Tensor  # [S] rows whose next-token logits are needed
+    deadline: float | None = None  # monotonic time by which the step is of no more use to any client
 
 
 def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, window: int | None):
@@ -247,12 +249,12 @@ class DecoderLayer(nn.Module):
         self.shared = MLP(cfg.hidden_size, cfg.shared_expert_size) if self.moe and cfg.shared_expert_size else None
         self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if self.moe and cfg.shared_expert_gated else None
 
-    def forward(self, x, rope, cos, sin, slices: list[SequenceSlice], routed: RoutedExperts) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, slices)
+    def forward(self, x, rope, cos, sin, batch: StepBatch, routed: RoutedExperts) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, batch.slices)
         y = self.post_attention_layernorm(h)
         if self.mlp is not None:
             return h + self.mlp(y)
-        routed_output = routed.submit(self.layer, y)  # in flight while the shared expert runs here
+        routed_output = routed.submit(self.layer, y, batch.deadline)  # in flight while the shared expert runs
         if self.shared is None:
             return h + routed_output()
         shared = self.shared(y)
@@ -278,7 +280,7 @@ class DenseModel(nn.Module):
         x = self.embed_tokens(batch.token_ids)  # [T, D]
         cos, sin = self.rotary(batch.positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, self.rotary, cos, sin, batch.slices, routed)
+            x = layer(x, self.rotary, cos, sin, batch, routed)
         return self.lm_head(self.norm(x[batch.logit_rows])).float()  # [S, V]
 
     @classmethod

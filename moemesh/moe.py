@@ -22,7 +22,9 @@ class ExpertGroup:
 
 
 class ExpertExecutor(Protocol):
-    def __call__(self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor, timeout_s: float | None
+    ) -> torch.Tensor:
         """rows: [R, D] grouped as `groups` says; returns the unweighted expert outputs [R, D]."""
         ...
 
@@ -53,7 +55,9 @@ class LocalExperts:
     def __init__(self, experts: dict[tuple[int, int], MLP]):
         self.experts = experts
 
-    def __call__(self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor, timeout_s: float | None = None
+    ) -> torch.Tensor:
         out = torch.empty_like(rows)
         start = 0
         with torch.inference_mode():
@@ -70,14 +74,14 @@ class RoutedMoE:
     def __init__(self, gates: dict[int, Gate], executor: ExpertExecutor, num_experts: int):
         self.gates, self.executor, self.num_experts = gates, executor, num_experts
 
-    def __call__(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer: int, hidden: torch.Tensor, timeout_s: float | None = None) -> torch.Tensor:
         with torch.inference_mode():
             weights, indices = self.gates[layer](hidden)  # [T, A]
             plan = DispatchPlan.from_gate(weights, indices, self.num_experts)
-            outputs = self.executor(layer, plan.groups, hidden[plan.token_of_row])
+            outputs = self.executor(layer, plan.groups, hidden[plan.token_of_row], timeout_s)
             return plan.combine(outputs, hidden.shape[0])
 
-    def submit(self, layer: int, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def submit(self, layer: int, hidden: torch.Tensor, deadline: float | None) -> Callable[[], torch.Tensor]:
         """`RoutedExperts` in one process: the work is done before this returns."""
         output = self(layer, hidden)
         return lambda: output

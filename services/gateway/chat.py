@@ -35,6 +35,7 @@ class Conversations:
         sampling: gateway_pb2.SamplingParams,
         owner: str,
         on_cancel: Callable[[Callable[[], None]], object],
+        deadline: float | None = None,
     ) -> Iterator[StepOutput]:
         """Streams the reply to `messages`; the session is saved only when the turn completes."""
         if self.template is None or self.engine.text is None:
@@ -57,7 +58,7 @@ class Conversations:
             request = requests.with_sampling(prompt, sampling, self.engine.text, self.limits)
             cache = self.engine.new_cache(request)
             cached = self.kv.load(session_id, prompt, state.token_ids, cache)
-            seq = self.engine.submit(request, cache)
+            seq = self.engine.submit(request, cache, deadline)
             on_cancel(lambda: self.engine.cancel(seq))
             reply = []
             for output in seq.outputs():

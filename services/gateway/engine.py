@@ -35,7 +35,7 @@ class EngineConfig:
 class Sequence:
     """One request's state in the engine; the caller reads its outputs with `outputs()`."""
 
-    def __init__(self, request: GenerationRequest, text: TextStream, cache: KVCache | None):
+    def __init__(self, request: GenerationRequest, text: TextStream, cache: KVCache | None, deadline: float | None):
         self.prompt_ids = request.prompt_ids
         self.sampling = request.sampling
         self.text = text
@@ -46,6 +46,7 @@ class Sequence:
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
         self.generator = torch.Generator().manual_seed(seed)
         self.cancelled = False
+        self.deadline = deadline  # the client's, as time.monotonic(); None: none
         self._events: queue.SimpleQueue[StepOutput | MoemeshError] = queue.SimpleQueue()
 
     @property
@@ -109,9 +110,12 @@ class Engine:
         """An empty cache with room for the whole sequence."""
         return KVCache(self.model.cfg, len(request.prompt_ids) + request.sampling.max_new_tokens, self.dtype)
 
-    def submit(self, request: GenerationRequest, cache: KVCache | None = None) -> Sequence:
-        """Queues a request; `cache` (from `new_cache`) may hold keys/values of a prompt prefix already."""
-        seq = Sequence(request, TextStream(self.text, request.sampling.stop), cache)
+    def submit(
+        self, request: GenerationRequest, cache: KVCache | None = None, deadline: float | None = None
+    ) -> Sequence:
+        """Queues a request; `cache` (from `new_cache`) may hold keys/values of a prompt prefix already;
+        `deadline` (time.monotonic()) is the client's, which the internal calls of its steps inherit."""
+        seq = Sequence(request, TextStream(self.text, request.sampling.stop), cache, deadline)
         with self._wakeup:
             if len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(f"waiting queue is full ({self.config.max_waiting} requests); retry later")
@@ -175,7 +179,9 @@ class Engine:
                 logit_rows.append(len(ids) - 1)
                 sampled.append(seq)
         rows = torch.tensor(logit_rows, dtype=torch.long)  # may be empty: a step of prefill chunks only
-        batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows)
+        deadlines = [seq.deadline for seq, _ in chosen]
+        latest = None if None in deadlines else max(deadlines)  # the step is useful until its last client gives up
+        batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows, latest)
         try:
             with metrics.STEP_SECONDS.time():
                 logits = self.model(batch, self.routed)

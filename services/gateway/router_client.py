@@ -5,6 +5,7 @@ is resent to the next one; later calls stay with the router that answered.
 """
 
 import threading
+import time
 from collections.abc import Callable
 
 import grpc
@@ -38,17 +39,22 @@ class RouterClient:
             for channel in channels:
                 channel.close()
 
-    def submit(self, layer: int, hidden: torch.Tensor) -> Callable[[], torch.Tensor]:
+    def submit(self, layer: int, hidden: torch.Tensor, deadline: float | None) -> Callable[[], torch.Tensor]:
         wire = codec.to_pb(hidden, self.wire_dtype)
+        timeout_s = self.timeout_s if deadline is None else max(0.0, min(self.timeout_s, deadline - time.monotonic()))
         first = self._current
-        future = self.clients[first].submit(router_pb2.MoeRequest(layer=layer, hidden=wire))
+
+        def request() -> router_pb2.MoeRequest:
+            return router_pb2.MoeRequest(layer=layer, hidden=wire, timeout_ms=max(1, int(timeout_s * 1000)))
+
+        future = self.clients[first].submit(request())
 
         def output() -> torch.Tensor:
             index, pending = first, future
             for attempt in range(len(self.clients)):
                 client = self.clients[index]
                 try:
-                    response = wait(pending, self.timeout_s, client.target)
+                    response = wait(pending, timeout_s, client.target)
                     return codec.from_pb(response.output, self.compute_dtype, field="output")
                 except Unavailable:
                     if attempt == len(self.clients) - 1:
@@ -56,7 +62,7 @@ class RouterClient:
                     index = (index + 1) % len(self.clients)
                     with self._lock:
                         self._current = index
-                    pending = self.clients[index].submit(router_pb2.MoeRequest(layer=layer, hidden=wire))
+                    pending = self.clients[index].submit(request())
             raise AssertionError("unreachable")
 
         return output

@@ -1,5 +1,6 @@
 """The public Gateway servicer: converts messages, delegates to the engine, streams results."""
 
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -53,8 +54,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     @map_errors
     def Chat(self, request: gateway_pb2.ChatRequest, context) -> Iterator[gateway_pb2.GenerateResponse]:
         turn = self._sessions().turn(
-            request.session_id, list(request.messages), request.sampling, ANONYMOUS, context.add_callback
-        )
+            request.session_id, list(request.messages), request.sampling, ANONYMOUS, context.add_callback,
+            client_deadline(context),
+        )  # fmt: skip
         for output in turn:
             yield output.to_pb()
 
@@ -72,6 +74,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return self.conversations
 
     def _submit(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Sequence:
-        seq = self.engine.submit(requests.from_pb(request, self.engine.text, self.limits))
+        seq = self.engine.submit(
+            requests.from_pb(request, self.engine.text, self.limits), None, client_deadline(context)
+        )
         context.add_callback(lambda: self.engine.cancel(seq))  # the client went away: leave the batch
         return seq
+
+
+def client_deadline(context: grpc.ServicerContext) -> float | None:
+    """The client's deadline as time.monotonic(), which the engine's internal calls inherit."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

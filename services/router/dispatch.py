@@ -30,7 +30,10 @@ class RemoteExperts:
         self.placement = placement
         self.compute_dtype, self.wire_dtype, self.timeout_s = compute_dtype, wire_dtype, timeout_s
 
-    def __call__(self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor, timeout_s: float | None
+    ) -> torch.Tensor:
+        """`timeout_s`: what is left of the caller's deadline; the configured limit caps it."""
         for g in groups:
             EXPERT_TOKENS.labels(layer=str(layer), expert=str(g.expert)).inc(g.num_tokens)
         out = torch.empty_like(rows)
@@ -39,10 +42,11 @@ class RemoteExperts:
             starts.append(starts[-1] + g.num_tokens)
         todo: list[Part] = list(zip(groups, starts))
         failed: set[ExpertReplica] = set()
-        deadline = time.monotonic() + self.timeout_s
+        budget = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
+        deadline = time.monotonic() + budget
         while todo:
             if time.monotonic() > deadline:
-                raise DeadlineExceeded(f"layer {layer}: experts did not answer within {self.timeout_s:g}s")
+                raise DeadlineExceeded(f"layer {layer}: experts did not answer within {budget:g}s")
             calls = [
                 self._send(layer, replica, parts, rows) for replica, parts in self._assign(layer, todo, failed).items()
             ]

@@ -24,5 +24,5 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             hidden = codec.from_pb(request.hidden, self.compute_dtype, field="hidden")
             if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
                 raise InvalidArgument(f"hidden: shape {list(hidden.shape)}, expected [tokens, {self.hidden_size}]")
-            out = self.moe(request.layer, hidden)
+            out = self.moe(request.layer, hidden, request.timeout_ms / 1000 if request.timeout_ms else None)
             yield router_pb2.MoeResponse(request_id=request.request_id, output=codec.to_pb(out, self.wire_dtype))
