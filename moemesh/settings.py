@@ -46,6 +46,7 @@ class ExpertSettings(ServiceSettings):
 
 class RouterSettings(ServiceSettings):
     experts: list[str] = Field([], description="comma-separated static expert service addresses (host:port)")
+    placement_file: Path | None = Field(None, description="static expert addresses, one per line (# comments)")
     registry: str | None = Field(None, description="Redis URL where expert replicas announce themselves")
     call_timeout_s: float = Field(30.0, description="deadline of one MoE layer's expert calls, resends included")
     start_timeout_s: float = Field(300.0, description="how long to wait at start for every expert to have a replica")

@@ -64,7 +64,7 @@ def deepseek_v2(path: Path) -> Path:
     return path
 
 
-def deepseek_v3(path: Path) -> Path:
+def deepseek_v3(path: Path, **overrides) -> Path:
     """MLA with q compression, sigmoid scores + correction bias, group-limited top-k, scaling, YaRN, dense layer."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
@@ -72,10 +72,10 @@ def deepseek_v3(path: Path) -> Path:
     rope = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128, "rope_theta": 10000.0,
             "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1}  # fmt: skip
     cfg = DeepseekV3Config(
-        **COMMON, num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=16,
-        n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=24,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_group=4, topk_group=2, routed_scaling_factor=2.5,
-        rope_parameters=rope,
+        **(COMMON | overrides), num_hidden_layers=3, intermediate_size=96, moe_intermediate_size=32,
+        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4, first_k_dense_replace=1, kv_lora_rank=16,
+        q_lora_rank=24, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_group=4, topk_group=2,
+        routed_scaling_factor=2.5, rope_parameters=rope,
     )  # fmt: skip
     model = DeepseekV3ForCausalLM(cfg)
     with torch.no_grad():

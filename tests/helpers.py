@@ -270,9 +270,9 @@ class ExpertProcess:
 class RouterProcess:
     """One more router (`moemesh router`) that finds the expert replicas in the registry."""
 
-    def __init__(self, model_dir: Path, registry: str):
+    def __init__(self, model_dir: Path, registry: str, *args: str):
         argv = [sys.executable, "-m", "moemesh.cli", "router", "--model", str(model_dir), "--registry", registry,
-                "--port", "0", "--dtype", "float32"]  # fmt: skip
+                "--port", "0", "--dtype", "float32", *args]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in self.proc.stdout:
             if match := re.match(r"^router listening on (\S+)", line):

@@ -1,4 +1,4 @@
-"""`--quantize int8` expert shards: a quarter of the fp32 weight bytes, logits close to unquantized."""
+"""Lower-precision experts and wire: `--quantize int8` shards and `--wire-dtype bfloat16`, each close to fp32."""
 
 import grpc
 import pytest
@@ -48,5 +48,24 @@ def test_int8_cluster_stays_close_to_transformers(mixtral_window_dir):
             with grpc.insecure_channel(address) as channel:
                 info = expert_pb2_grpc.ExpertStub(channel).Describe(expert_pb2.DescribeExpertRequest(), timeout=10)
             assert info.parameter_bytes < shard_bytes(ckpt.tensors, f"{i}/2", torch.float32) * 0.3
+    finally:
+        cluster.close()
+
+
+@pytest.mark.integration
+def test_bfloat16_on_the_wire_stays_close(mixtral_window_dir):
+    """fp32 compute with bf16 tensors between services: a measurable, bounded drift."""
+    hf_tokens, hf_logits = hf_greedy(mixtral_window_dir, PROMPT, 1)
+    cluster = Cluster(mixtral_window_dir, "--experts", "2", "--dtype", "float32", "--wire-dtype", "bfloat16")
+    try:
+        response = cluster.stub.Generate(
+            gateway_pb2.GenerateRequest(
+                prompt_token_ids=PROMPT,
+                sampling=gateway_pb2.SamplingParams(max_new_tokens=1, return_logprobs=True),
+            ),
+            timeout=60,
+        )
+        drift = abs(response.logprobs[0] - hf_logprobs(hf_tokens, hf_logits)[0])
+        assert 0 < drift < 0.01
     finally:
         cluster.close()

@@ -1,6 +1,7 @@
 """`moemesh router`: hold the gates, keep a live table of expert replicas, serve."""
 
 import time
+from pathlib import Path
 
 import redis
 import torch
@@ -24,16 +25,26 @@ def create_service(settings: RouterSettings) -> Service:
     dtype = settings.compute_dtype(cfg.checkpoint_dtype)
     wire = settings.wire_torch_dtype(dtype)
     placement = Placement(cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, settings.call_timeout_s)
-    for address in settings.experts:
+    static = settings.experts + (read_placement_file(settings.placement_file) if settings.placement_file else [])
+    for address in static:
         placement.add(address)
     if settings.registry:
-        Discovery(placement, redis.Redis.from_url(settings.registry, socket_timeout=2), settings.experts).start()
+        Discovery(placement, redis.Redis.from_url(settings.registry, socket_timeout=2), static).start()
     wait_for_coverage(placement, settings.start_timeout_s)
     executor = RemoteExperts(placement, dtype, wire, settings.call_timeout_s)
     moe = RoutedMoE(load_gates(ckpt, dtype), executor, cfg.num_experts)
     service = Service("router", settings.host, settings.port)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(moe, cfg.hidden_size, dtype, wire), service.server)
     return service
+
+
+def read_placement_file(path: Path) -> list[str]:
+    """Expert addresses for setups without a registry: one host:port per line, `#` starts a comment."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise CheckpointError(f"placement_file: cannot read {path} ({exc.strerror})") from None
+    return [address for line in lines if (address := line.split("#", 1)[0].strip())]
 
 
 def wait_for_coverage(placement: Placement, timeout_s: float) -> None:

@@ -1,0 +1,76 @@
+"""The session KV store on a sliding-window model (only the window is stored) and on MLA (the latent)."""
+
+import pytest
+
+from moemesh.checkpoint import Checkpoint
+from moemesh.demo_model import write_tokenizer
+from moemesh.settings import GatewaySettings
+from services.gateway.requests import GenerationRequest, Limits, SamplingConfig, merge
+from services.gateway.server import build_engine, conversations
+from tests.family_checkpoints import deepseek_v3
+from tests.helpers import DEEPSEEK_VOCAB, RedisServer, make_mixtral
+
+pytestmark = pytest.mark.integration
+
+SYSTEM = "Answer briefly and politely. " * 20
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.kill()
+
+
+def window_model(path):
+    return make_mixtral(path, tokenizer=True, sliding_window=48, seed=7)
+
+
+def mla_model(path):
+    deepseek_v3(path, vocab_size=DEEPSEEK_VOCAB)
+    write_tokenizer(path)
+    return path
+
+
+@pytest.mark.parametrize("make", [window_model, mla_model], ids=["sliding-window", "mla"])
+def test_turn_on_a_second_engine_equals_recompute(make, tmp_path, redis_server):
+    model_dir = make(tmp_path / "model")
+    settings = GatewaySettings(model=model_dir, dtype="float32", redis=redis_server.url, kv_chunk_tokens=16)
+    engines = [build_engine(settings)[0] for _ in range(2)]  # two gateways' engines, one Redis
+    cfg = Checkpoint(model_dir).config
+    limits = Limits(cfg.vocab_size, cfg.max_position_embeddings, 8, 64)
+    first, second = (conversations(settings, e, Checkpoint(model_dir), limits) for e in engines)
+    for engine in engines:
+        engine.start()
+    try:
+
+        def turn(conv, session, *messages):
+            from moemesh.v1 import gateway_pb2
+
+            pb = [gateway_pb2.Message(role=r, content=c) for r, c in messages]
+            outputs = list(conv.turn(session, pb, gateway_pb2.SamplingParams(max_new_tokens=8), "me", lambda _: None))
+            return merge(outputs)
+
+        one = turn(first, "", ("system", SYSTEM), ("user", "Where is my order?"))
+        two = turn(second, one.session_id, ("user", "And the invoice?"))
+        history = [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": "Where is my order?"},
+            {"role": "assistant", "content": one.text},
+            {"role": "user", "content": "And the invoice?"},
+        ]
+        prompt = engines[0].text.encode(first.template.render(history, add_generation_prompt=True))
+        seq = engines[0].submit(GenerationRequest(prompt, SamplingConfig(max_new_tokens=8)))
+        assert two.token_ids == merge(list(seq.outputs())).token_ids
+        assert two.cached_tokens >= one.prompt_tokens - 16
+
+        stored = {int(k.split(b":")[-1]) for k in redis_server.client().keys(f"moemesh:session:{one.session_id}:kv:*")
+                  if not k.endswith(b":meta")}  # fmt: skip
+        needed = -(-(one.prompt_tokens + 8) // 16)  # chunks covering the whole conversation so far
+        if cfg.sliding_window:
+            assert 0 not in stored and len(stored) < needed  # only the chunks the window still sees
+        else:
+            assert stored == set(range(len(stored))) and len(stored) >= needed - 2
+    finally:
+        for engine in engines:
+            engine.stop()
