@@ -216,43 +216,45 @@ class RedisServer:
         return redis.Redis.from_url(self.url)
 
 
-class GatewayProcess:
-    """One more gateway replica (`moemesh gateway`) in front of an existing router and Redis."""
+class ServiceProcess:
+    """One more service (`moemesh gateway|router|expert`) beside a running cluster, fp32, port 0."""
 
-    def __init__(self, model_dir: Path, router: str, redis_url: str, *args: str):
-        argv = [sys.executable, "-m", "moemesh.cli", "gateway", "--model", str(model_dir), "--router", router,
-                "--redis", redis_url, "--port", "0", "--dtype", "float32", *args]  # fmt: skip
+    def __init__(self, role: str, model_dir: Path, *args: str):
+        argv = [sys.executable, "-m", "moemesh.cli", role, "--model", str(model_dir), "--port", "0",
+                "--dtype", "float32", *args]  # fmt: skip
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
         for line in self.proc.stdout:
-            if match := re.match(r"^gateway listening on (\S+)", line):
+            if match := re.match(rf"^{role} listening on (\S+)", line):
                 self.address = match.group(1)
                 break
         else:
-            raise AssertionError(f"gateway exited with {self.proc.wait()}")
+            raise AssertionError(f"{role} exited with {self.proc.wait()}")
         threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        self.proc.wait(30)
+
+
+class GatewayProcess(ServiceProcess):
+    """A gateway replica in front of an existing router (or routers) and Redis."""
+
+    def __init__(self, model_dir: Path, router: str, redis_url: str, *args: str):
+        super().__init__("gateway", model_dir, "--router", router, "--redis", redis_url, *args)
         self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     def close(self) -> None:
         self.channel.close()
-        self.proc.terminate()
-        self.proc.wait(30)
+        super().close()
 
 
-class ExpertProcess:
-    """One more expert replica (`moemesh expert`) announcing itself in the registry."""
+class ExpertProcess(ServiceProcess):
+    """An expert replica announcing itself in the registry."""
 
     def __init__(self, model_dir: Path, shard: str, registry: str, *args: str):
-        argv = [sys.executable, "-m", "moemesh.cli", "expert", "--model", str(model_dir), "--shard", shard,
-                "--registry", registry, "--port", "0", "--dtype", "float32", *args]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in self.proc.stdout:
-            if match := re.match(r"^expert listening on (\S+)", line):
-                self.address = match.group(1)
-                break
-        else:
-            raise AssertionError(f"expert exited with {self.proc.wait()}")
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        super().__init__("expert", model_dir, "--shard", shard, "--registry", registry, *args)
 
     def served(self) -> int:
         from moemesh.v1 import expert_pb2, expert_pb2_grpc
@@ -261,28 +263,9 @@ class ExpertProcess:
             info = expert_pb2_grpc.ExpertStub(channel).Describe(expert_pb2.DescribeExpertRequest(), timeout=10)
         return info.requests_served
 
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        self.proc.wait(30)
 
-
-class RouterProcess:
-    """One more router (`moemesh router`) that finds the expert replicas in the registry."""
+class RouterProcess(ServiceProcess):
+    """A router that finds the expert replicas in the registry."""
 
     def __init__(self, model_dir: Path, registry: str, *args: str):
-        argv = [sys.executable, "-m", "moemesh.cli", "router", "--model", str(model_dir), "--registry", registry,
-                "--port", "0", "--dtype", "float32", *args]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-        for line in self.proc.stdout:
-            if match := re.match(r"^router listening on (\S+)", line):
-                self.address = match.group(1)
-                break
-        else:
-            raise AssertionError(f"router exited with {self.proc.wait()}")
-        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-        self.proc.wait(30)
+        super().__init__("router", model_dir, "--registry", registry, *args)

@@ -29,20 +29,24 @@ def test_int8_shard_holds_a_quarter_of_the_fp32_bytes(mixtral_window_dir):
     assert (approx - exact).norm() / exact.norm() < 0.02
 
 
+def first_token_drift(cluster: Cluster, model_dir) -> float:
+    """|log-prob of the first greedy token through the cluster - the same under `transformers` fp32|."""
+    hf_tokens, hf_logits = hf_greedy(model_dir, PROMPT, 1)
+    response = cluster.stub.Generate(
+        gateway_pb2.GenerateRequest(
+            prompt_token_ids=PROMPT, sampling=gateway_pb2.SamplingParams(max_new_tokens=1, return_logprobs=True)
+        ),
+        timeout=60,
+    )
+    assert list(response.token_ids) == hf_tokens
+    return abs(response.logprobs[0] - hf_logprobs(hf_tokens, hf_logits)[0])
+
+
 @pytest.mark.integration
 def test_int8_cluster_stays_close_to_transformers(mixtral_window_dir):
-    hf_tokens, hf_logits = hf_greedy(mixtral_window_dir, PROMPT, 16)
     cluster = Cluster(mixtral_window_dir, "--experts", "2", "--dtype", "float32", "--quantize", "int8")
     try:
-        response = cluster.stub.Generate(
-            gateway_pb2.GenerateRequest(
-                prompt_token_ids=PROMPT,
-                sampling=gateway_pb2.SamplingParams(max_new_tokens=1, return_logprobs=True),
-            ),
-            timeout=60,
-        )
-        assert list(response.token_ids) == hf_tokens[:1]
-        assert abs(response.logprobs[0] - hf_logprobs(hf_tokens, hf_logits)[0]) < INT8_LOGPROB_BOUND
+        assert first_token_drift(cluster, mixtral_window_dir) < INT8_LOGPROB_BOUND
         ckpt = Checkpoint(mixtral_window_dir)
         for i, address in enumerate(cluster.experts):
             with grpc.insecure_channel(address) as channel:
@@ -55,17 +59,8 @@ def test_int8_cluster_stays_close_to_transformers(mixtral_window_dir):
 @pytest.mark.integration
 def test_bfloat16_on_the_wire_stays_close(mixtral_window_dir):
     """fp32 compute with bf16 tensors between services: a measurable, bounded drift."""
-    hf_tokens, hf_logits = hf_greedy(mixtral_window_dir, PROMPT, 1)
     cluster = Cluster(mixtral_window_dir, "--experts", "2", "--dtype", "float32", "--wire-dtype", "bfloat16")
     try:
-        response = cluster.stub.Generate(
-            gateway_pb2.GenerateRequest(
-                prompt_token_ids=PROMPT,
-                sampling=gateway_pb2.SamplingParams(max_new_tokens=1, return_logprobs=True),
-            ),
-            timeout=60,
-        )
-        drift = abs(response.logprobs[0] - hf_logprobs(hf_tokens, hf_logits)[0])
-        assert 0 < drift < 0.01
+        assert 0 < first_token_drift(cluster, mixtral_window_dir) < 0.01
     finally:
         cluster.close()

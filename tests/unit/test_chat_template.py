@@ -19,6 +19,7 @@ import jinja2
 import pytest
 from tokenizers import Tokenizer, normalizers
 
+from moemesh.demo_model import CHAT_TEMPLATE
 from moemesh.errors import CheckpointError, InvalidArgument
 from services.gateway.chat_template import ChatTemplate, eos_token_ids
 from services.gateway.text import TextCodec
@@ -27,21 +28,8 @@ transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.timeout(180)
 
-# DeepSeek-V3/R1 format: BOS, system prompt, <｜User｜>/<｜Assistant｜> turns ending with EOS, reasoning dropped.
-DEEPSEEK_TEMPLATE = (
-    "{% if not add_generation_prompt is defined %}{% set add_generation_prompt = false %}{% endif %}"
-    "{% set ns = namespace(system_prompt='') %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{% set ns.system_prompt = ns.system_prompt + message['content'] %}{%- endif %}{%- endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}"
-    "{%- elif message['role'] == 'assistant' %}{% set content = message['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + eos_token }}{%- endif %}"
-    "{%- endfor -%}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜>' }}{% endif %}"
-)
+# DeepSeek-V3/R1 format: the template the demo checkpoint ships.
+DEEPSEEK_TEMPLATE = CHAT_TEMPLATE
 
 # Qwen3 ChatML format: reasoning shown only after the last user turn, system only first.
 QWEN_TEMPLATE = """\
