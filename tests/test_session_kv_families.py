@@ -74,3 +74,30 @@ def test_turn_on_a_second_engine_equals_recompute(make, tmp_path, redis_server):
     finally:
         for engine in engines:
             engine.stop()
+
+
+def test_session_limits(tmp_path, redis_server, mixtral_dir):
+    from moemesh.errors import ResourceExhausted
+    from moemesh.v1 import gateway_pb2
+
+    settings = GatewaySettings(
+        model=mixtral_dir, dtype="float32", redis=redis_server.url, max_session_turns=1, max_session_tokens=200
+    )
+    engine = build_engine(settings)[0]
+    cfg = Checkpoint(mixtral_dir).config
+    conv = conversations(settings, engine, Checkpoint(mixtral_dir), Limits(cfg.vocab_size, 512, 8, 64))
+    engine.start()
+    try:
+
+        def turn(session, text):
+            message = [gateway_pb2.Message(role="user", content=text)]
+            sampling = gateway_pb2.SamplingParams(max_new_tokens=4)
+            return merge(list(conv.turn(session, message, sampling, "me", lambda _: None)))
+
+        session = turn("", "Hi").session_id
+        with pytest.raises(ResourceExhausted, match="reached its limit of 1 turns"):
+            turn(session, "Again")
+        with pytest.raises(ResourceExhausted, match="over the session limit of 200"):
+            turn("", "word " * 300)
+    finally:
+        engine.stop()
