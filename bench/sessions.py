@@ -27,18 +27,15 @@ stopped with SIGTERM and the bench checks that no process of theirs is left.
 import argparse
 import os
 import random
-import re
 import shlex
-import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-START_TIMEOUT_S = 300
+from bench.common import ServiceProcess, command_line, load_average, table
+
 REQUEST_TIMEOUT_S = 900
 TEXT_SEED = 20240607
 
@@ -100,79 +97,6 @@ def prompt_tokens(template, tokenizer, messages: list[tuple[str, str]]) -> int:
 
 # ---------------------------------------------------------------------------------------------------
 # Processes: `moemesh up` and gateway B, each in a new session so that all they start can be found
-
-
-class ServiceProcess:
-    """A command in a new session; `lines` collects everything it prints."""
-
-    def __init__(self, name: str, argv: list[str], env: dict[str, str] | None = None):
-        self.name, self.argv = name, argv
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, bufsize=1, start_new_session=True, env=env,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, name=f"out-{name}", daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_for(self, pattern: str, timeout_s: float = START_TIMEOUT_S) -> re.Match:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if match := regex.search(line):
-                        return match
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    tail = "\n".join(self.lines[-40:])
-                    raise RuntimeError(f"{self.name} printed no line matching {pattern!r}; its output:\n{tail}")
-                self._changed.wait(min(left, 1.0))
-
-    def session_members(self) -> list[str]:
-        """Live processes (not zombies) of the session this process leads: 'pid name' each."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp session ...
-            if int(fields[3]) == self.proc.pid and fields[0] != "Z":
-                found.append(f"{entry.name} {name}")
-        return found
-
-    def stop(self, timeout_s: float = 60) -> str:
-        """SIGTERM, wait; says the exit code and whatever of the session was left (then SIGKILLed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        left: list[str] = []
-        deadline = time.monotonic() + 10
-        while (left := self.session_members()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if left or code is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-        line = f"{self.name} stopped with SIGTERM: exit code {code}; processes left: {', '.join(left) or 'none'}"
-        return line + (" (killed with SIGKILL)" if left or code is None else "")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -328,7 +252,7 @@ def run(model: Path, experts: int, num_sessions: int, history_tokens: int, max_n
                 f"{1000 * turn1.ttft_s:.0f} ms; turn 2 on B {cached.prompt_tokens} prompt tokens: cached "
                 f"{cached.cached_tokens} tokens, TTFT {1000 * cached.ttft_s:.0f} ms; recompute TTFT "
                 f"{1000 * recompute.ttft_s:.0f} ms (cached {recompute.cached_tokens}); same tokens: {conv.same}; "
-                f"redis {nbytes} B in {nkeys} keys for {info.token_count} tokens; {_load()}",
+                f"redis {nbytes} B in {nkeys} keys for {info.token_count} tokens; {load_average()}",
                 flush=True,
             )
             if not conv.same:
@@ -342,36 +266,12 @@ def run(model: Path, experts: int, num_sessions: int, history_tokens: int, max_n
         for channel in channels:
             channel.close()
         if gateway_b is not None:
-            print(f"  {gateway_b.stop()}", flush=True)
-        print(f"  {up.stop()}", flush=True)
+            print(f"  {gateway_b.stop_line()}", flush=True)
+        print(f"  {up.stop_line()}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Report
-
-
-def _command_line() -> str:
-    exe = sys.executable
-    rel = os.path.relpath(exe)
-    return shlex.join([rel if not rel.startswith("..") else exe, "-m", "bench.sessions", *sys.argv[1:]])
-
-
-def _load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
-
-
-def _table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
-    if markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths))))
-    for row in rows:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
 
 
 def kv_bytes_per_token(cfg) -> tuple[int, str]:
@@ -399,7 +299,7 @@ def report(results: list[Conversation], cfg, markdown: bool) -> None:
             f"{c.cached.ttft_s / c.recompute.ttft_s:.2f}", "yes" if c.same else "**NO**",
         ])  # fmt: skip
     print()
-    _table(["session", "order", "turn-2 prompt tokens", "cached tokens", "TTFT cached ms", "TTFT recompute ms",
+    table(["session", "order", "turn-2 prompt tokens", "cached tokens", "TTFT cached ms", "TTFT recompute ms",
             "cached/recompute", "same greedy tokens"], rows, markdown)  # fmt: skip
 
     cached = [c.cached.ttft_s * 1000 for c in results]
@@ -411,7 +311,7 @@ def report(results: list[Conversation], cfg, markdown: bool) -> None:
          f"{min(recompute):.0f}", f"{statistics.median([c.recompute.cached_tokens for c in results]):.0f}"],
     ]  # fmt: skip
     print()
-    _table(["side", "runs", "median TTFT ms", "min TTFT ms", "cached tokens (median)"], summary, markdown)
+    table(["side", "runs", "median TTFT ms", "min TTFT ms", "cached tokens (median)"], summary, markdown)
     ratio_median = statistics.median(cached) / statistics.median(recompute)
     ratio_min = min(cached) / min(recompute)
     ratios = [c.cached.ttft_s / c.recompute.ttft_s for c in results]
@@ -458,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.sessions, args.max_new_tokens, args.experts) < 1 or args.history_tokens <= args.max_new_tokens:
         parser.error("--sessions, --max-new-tokens and --experts must be positive, --history-tokens larger")
 
-    print(f"command: {_command_line()}", flush=True)
+    print(f"command: {command_line('bench.sessions')}", flush=True)
     import torch
 
     from moemesh import demo_model
@@ -473,12 +373,13 @@ def main(argv: list[str] | None = None) -> int:
         f"workload: {args.sessions} conversations + 1 warm-up; turn 1 (system + user, ~{args.history_tokens} tokens "
         f"with the reply) on gateway A, turn 2 on gateway B, cached and recomputed, alternating; greedy, "
         f"{args.max_new_tokens} new tokens per turn\n"
-        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads; {_load()}",
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+        f"{load_average()}",
         flush=True,
     )
-    print(f"cluster: moemesh up --port 0 --experts {args.experts} + gateway B; {_load()}", flush=True)
+    print(f"cluster: moemesh up --port 0 --experts {args.experts} + gateway B; {load_average()}", flush=True)
     results = run(model, args.experts, args.sessions, args.history_tokens, args.max_new_tokens)
-    print(f"done; {_load()}")
+    print(f"done; {load_average()}")
     report(results, cfg, args.markdown)
     return 0
 

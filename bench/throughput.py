@@ -21,9 +21,6 @@ import gc
 import os
 import random
 import re
-import shlex
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -33,11 +30,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.common import ServiceProcess, command_line, load_average, table
+
 PROMPT_LENGTHS = (16, 96, 8, 200, 48, 128, 24, 64)  # request i gets PROMPT_LENGTHS[i % 8] tokens
 PROMPT_SEED = 20240601
 FIRST_TOKEN_ID = 1000  # prompts avoid the low ids (special tokens of the DeepSeek vocabulary)
 WARMUP_INDEX = -1
-START_TIMEOUT_S = 300
 REQUEST_TIMEOUT_S = 900
 STEP_METRIC = "moemesh_gateway_step_seconds"
 
@@ -236,78 +234,11 @@ def run_in_process(model: Path, levels: list[int], num_requests: int, vocab_size
 # (a) distributed: `moemesh up` as a subprocess in its own session
 
 
-class UpProcess:
+def start_up(model: Path, experts: int, service_threads: int = 0) -> ServiceProcess:
     """`moemesh up` in a new session (so that everything it starts can be found and checked at the end)."""
-
-    def __init__(self, model: Path, experts: int, service_threads: int = 0):
-        self.argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model),
-                     "--experts", str(experts), "--port", "0"]  # fmt: skip
-        env = os.environ | ({"MOEMESH_THREADS": str(service_threads)} if service_threads else {})
-        self.proc = subprocess.Popen(
-            self.argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, bufsize=1, start_new_session=True, env=env,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, name="up-output", daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_for(self, pattern: str, timeout_s: float = START_TIMEOUT_S) -> re.Match:
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while True:
-                for line in self.lines:
-                    if match := regex.search(line):
-                        return match
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    tail = "\n".join(self.lines[-40:])
-                    raise RuntimeError(f"`moemesh up` printed no line matching {pattern!r}; its output:\n{tail}")
-                self._changed.wait(min(left, 1.0))
-
-    def session_members(self) -> list[str]:
-        """Live (non-zombie) processes of the session `moemesh up` leads: 'pid name' each."""
-        found = []
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
-            fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp session ...
-            if int(fields[3]) == self.proc.pid and fields[0] != "Z":
-                found.append(f"{entry.name} {name}")
-        return found
-
-    def stop(self, timeout_s: float = 60) -> tuple[int | None, list[str]]:
-        """SIGTERM, wait; returns `up`'s exit code and whatever of its session was still alive after it."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            code = self.proc.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        left: list[str] = []
-        deadline = time.monotonic() + 10
-        while (left := self.session_members()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if left or code is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.proc.wait()
-        return code, left
+    argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--experts", str(experts), "--port", "0"]
+    env = os.environ | ({"MOEMESH_THREADS": str(service_threads)} if service_threads else {})
+    return ServiceProcess("moemesh up", argv, env)
 
 
 def _scrape_step_stats(address: str) -> tuple[float, float]:
@@ -326,7 +257,7 @@ def run_distributed(model: Path, experts: int, levels: list[int], num_requests: 
     from moemesh.rpc import CHANNEL_OPTIONS
     from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
-    up = UpProcess(model, experts, service_threads)
+    up = start_up(model, experts, service_threads)
     try:
         address = up.wait_for(r"^gateway listening on (\S+)").group(1)
         router = up.wait_for(r"^\[router\] ready on (\S+)").group(1)
@@ -386,17 +317,6 @@ def run_distributed(model: Path, experts: int, levels: list[int], num_requests: 
 # Report
 
 
-def _command_line() -> str:
-    exe = sys.executable
-    rel = os.path.relpath(exe)
-    return shlex.join([rel if not rel.startswith("..") else exe, "-m", "bench.throughput", *sys.argv[1:]])
-
-
-def _load() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"
-
-
 def _fmt(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -429,22 +349,9 @@ def report(inproc: list[LevelResult], dist: list[LevelResult], markdown: bool) -
             f"{same}/{len(a.results)}",
         ])  # fmt: skip
     print()
-    _table(header, rows, markdown)
+    table(header, rows, markdown)
     print()
-    _table(ratio_header, ratio_rows, markdown)
-
-
-def _table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
-    if markdown:
-        print("| " + " | ".join(header) + " |")
-        print("|" + "|".join("---" if i == 0 else "---:" for i in range(len(header))) + "|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        return
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths))))
-    for row in rows:
-        print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+    table(ratio_header, ratio_rows, markdown)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -471,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrency, --max-new-tokens and --experts must be positive")
     num_requests = args.requests or 2 * max(levels)
 
-    print(f"command: {_command_line()}", flush=True)
+    print(f"command: {command_line('bench.throughput')}", flush=True)
     import torch
 
     from moemesh import demo_model
@@ -486,20 +393,22 @@ def main(argv: list[str] | None = None) -> int:
         f"workload: {num_requests} requests per level, prompts of {min(lengths)}-{max(lengths)} tokens "
         f"(mean {sum(lengths) / len(lengths):.0f}), greedy, {args.max_new_tokens} new tokens each; "
         f"concurrency {','.join(map(str, levels))}; warm-up: 1 request per side\n"
-        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads; {_load()}",
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads; "
+        f"{load_average()}",
         flush=True,
     )
-    print(f"in-process (experts in the engine's process, no gRPC); {_load()}", flush=True)
+    print(f"in-process (experts in the engine's process, no gRPC); {load_average()}", flush=True)
     inproc, prof_in = run_in_process(model, levels, num_requests, cfg.vocab_size, args.max_new_tokens, args.profile)
     threads = f"MOEMESH_THREADS={args.service_threads}" if args.service_threads else "default torch threads"
     print(
-        f"distributed (moemesh up --experts {args.experts}, {threads}, GenerateStream over gRPC); {_load()}", flush=True
+        f"distributed (moemesh up --experts {args.experts}, {threads}, GenerateStream over gRPC); {load_average()}",
+        flush=True,
     )
     dist, prof_dist = run_distributed(
         model, args.experts, levels, num_requests, cfg.vocab_size, args.max_new_tokens, args.profile,
         args.service_threads,
     )  # fmt: skip
-    print(f"done; {_load()}")
+    print(f"done; {load_average()}")
     report(inproc, dist, args.markdown)
     if prof_in and prof_dist:
         print(f"\nprofile at {max(levels)} streams (engine steps timed in this process):")
