@@ -41,8 +41,8 @@ def tokens(cluster, prompt: list[int], timeout: float = 120) -> list[int]:
     return [t for r in cluster.stub.GenerateStream(request, timeout=timeout) for t in r.token_ids]
 
 
-def under_load(cluster, during, streams: int = 32) -> list[list[int]]:
-    """Runs `during()` once half the streams have their first token; returns every stream's tokens."""
+def under_load(stub, during, prompts: list[list[int]] = PROMPTS) -> list[list[int]]:
+    """One stream per prompt; runs `during()` once half have their first token; returns every stream's tokens."""
     started = threading.Semaphore(0)
 
     def one(prompt):
@@ -50,15 +50,15 @@ def under_load(cluster, during, streams: int = 32) -> list[list[int]]:
             prompt_token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_new_tokens=NEW_TOKENS)
         )
         out = []
-        for i, r in enumerate(cluster.stub.GenerateStream(request, timeout=120)):
+        for i, r in enumerate(stub.GenerateStream(request, timeout=120)):
             if i == 0:
                 started.release()
             out += r.token_ids
         return out
 
-    with ThreadPoolExecutor(streams) as workers:
-        results = [workers.submit(one, p) for p in PROMPTS[:streams]]
-        for _ in range(streams // 2):
+    with ThreadPoolExecutor(len(prompts)) as workers:
+        results = [workers.submit(one, p) for p in prompts]
+        for _ in range(len(prompts) // 2):
             started.acquire(timeout=60)
         during()
         return [r.result() for r in results]
@@ -68,7 +68,7 @@ def test_kill_one_replica_under_load_loses_no_stream(pool, expected):
     pids = pool.expert_pids()
     assert "0/2#0" in pids, (pids, pool.up.lines[-30:])
     victim = pids["0/2#0"]
-    assert under_load(pool, lambda: os.kill(victim, signal.SIGKILL)) == expected
+    assert under_load(pool.stub, lambda: os.kill(victim, signal.SIGKILL)) == expected
 
 
 def test_a_joining_replica_takes_traffic_within_5s(pool, mixtral_dir, expected):
@@ -96,7 +96,7 @@ def test_a_joining_replica_takes_traffic_within_5s(pool, mixtral_dir, expected):
 
 def test_sigterm_drain_under_load_gives_no_client_error(pool, expected):
     victim = pool.expert_pids()["1/2#1"]
-    assert under_load(pool, lambda: os.kill(victim, signal.SIGTERM)) == expected
+    assert under_load(pool.stub, lambda: os.kill(victim, signal.SIGTERM)) == expected
 
 
 def test_no_replica_left_is_unavailable_then_recovers(mixtral_window_dir):
@@ -178,7 +178,7 @@ def test_plan_applied_live_loses_nothing(pool, mixtral_dir, expected):
             os.kill(victim, signal.SIGTERM)
 
     try:
-        assert under_load(pool, rebalance) == expected
+        assert under_load(pool.stub, rebalance) == expected
         assert [tokens(pool, p) for p in PROMPTS[:4]] == expected[:4]
         assert all(p.served() > 0 for p in new_pools)
     finally:
@@ -194,25 +194,7 @@ def test_gateway_fails_over_to_another_router(mixtral_window_dir):
     try:
         prompts = [[(7 * i + j) % 500 for j in range(5 + i)] for i in range(16)]
         alone = [tokens_from(gateway.stub, p) for p in prompts]
-        started = threading.Semaphore(0)
-
-        def one(prompt):
-            request = gateway_pb2.GenerateRequest(
-                prompt_token_ids=prompt, sampling=gateway_pb2.SamplingParams(max_new_tokens=NEW_TOKENS)
-            )
-            out = []
-            for i, r in enumerate(gateway.stub.GenerateStream(request, timeout=120)):
-                if i == 0:
-                    started.release()
-                out += r.token_ids
-            return out
-
-        with ThreadPoolExecutor(16) as workers:
-            results = [workers.submit(one, p) for p in prompts]
-            for _ in range(8):
-                started.acquire(timeout=60)
-            spare.proc.kill()
-            assert [r.result() for r in results] == alone
+        assert under_load(gateway.stub, spare.proc.kill, prompts) == alone
     finally:
         gateway.close()
         spare.close()
