@@ -39,7 +39,7 @@ class ExpertReplica:
         with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             try:
                 info = expert_pb2_grpc.ExpertStub(channel).Describe(
-                    expert_pb2.DescribeExpertRequest(), timeout=timeout_s, wait_for_ready=True
+                    expert_pb2.DescribeExpertRequest(), timeout=timeout_s
                 )
             except grpc.RpcError as exc:
                 raise Unavailable(f"expert {address}: {exc.code().name}: {exc.details()}") from None
@@ -72,6 +72,9 @@ class Placement:
             replica = ExpertReplica.connect(address, self.fingerprint, self.connect_timeout_s)
         except CheckpointError as exc:
             self._refused.add(address)
+            log.warning("%s", exc)
+            return
+        except Unavailable as exc:  # not up yet, or gone again: the next sync retries
             log.warning("%s", exc)
             return
         with self._lock:

@@ -18,19 +18,19 @@ from services.router.dispatch import RemoteExperts
 from services.router.placement import Discovery, Placement
 from services.router.servicer import RouterServicer
 
+CONNECT_TIMEOUT_S = 5.0  # one attempt to reach a replica; a replica not up yet is retried
+
 
 def create_service(settings: RouterSettings) -> Service:
     ckpt = Checkpoint(settings.model)
     cfg = ckpt.config
     dtype = settings.compute_dtype(cfg.checkpoint_dtype)
     wire = settings.wire_torch_dtype(dtype)
-    placement = Placement(cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, settings.call_timeout_s)
+    placement = Placement(cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, CONNECT_TIMEOUT_S)
     static = settings.experts + (read_placement_file(settings.placement_file) if settings.placement_file else [])
-    for address in static:
-        placement.add(address)
     if settings.registry:
         Discovery(placement, redis.Redis.from_url(settings.registry, socket_timeout=2), static).start()
-    wait_for_coverage(placement, settings.start_timeout_s)
+    wait_for_coverage(placement, static, settings.start_timeout_s)
     executor = RemoteExperts(placement, dtype, wire, settings.call_timeout_s)
     moe = RoutedMoE(load_gates(ckpt, dtype), executor, cfg.num_experts)
     service = Service("router", settings.host, settings.port)
@@ -47,10 +47,16 @@ def read_placement_file(path: Path) -> list[str]:
     return [address for line in lines if (address := line.split("#", 1)[0].strip())]
 
 
-def wait_for_coverage(placement: Placement, timeout_s: float) -> None:
-    """Blocks until every (layer, expert) has a replica; fails naming the first one without."""
+def wait_for_coverage(placement: Placement, static: list[str], timeout_s: float) -> None:
+    """Blocks until every (layer, expert) has a replica, connecting to the static addresses as they
+    come up; fails naming the first (layer, expert) without one."""
     deadline = time.monotonic() + timeout_s
-    while missing := placement.missing():
+    while True:
+        for address in static:
+            placement.add(address)
+        missing = placement.missing()
+        if not missing:
+            return
         if time.monotonic() > deadline:
             layer, expert = missing[0]
             raise CheckpointError(f"no expert service holds layer {layer} expert {expert} ({len(missing)} missing)")
