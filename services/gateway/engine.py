@@ -55,7 +55,11 @@ class Sequence:
         return len(self.prompt_ids) + len(self.output_ids) - self.computed
 
     def token_ids(self, start: int, count: int) -> list[int]:
-        return (self.prompt_ids + self.output_ids)[start : start + count]
+        """Tokens [start, start + count) of prompt + output, without copying the whole prompt each step."""
+        prompt = len(self.prompt_ids)
+        if start >= prompt:  # decode: only generated tokens
+            return self.output_ids[start - prompt : start - prompt + count]
+        return (self.prompt_ids[start : start + count] + self.output_ids)[:count]
 
     def cancel(self) -> None:
         self.cancelled = True

@@ -73,7 +73,8 @@ class RemoteExperts:
         return assigned
 
     def _send(self, layer: int, replica: ExpertReplica, parts: list[Part], rows: torch.Tensor):
-        sent = torch.cat([rows[s : s + g.num_tokens] for g, s in parts])
+        pieces = [rows[s : s + g.num_tokens] for g, s in parts]
+        sent = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         request = expert_pb2.ExpertRequest(
             layer=layer,
             groups=[expert_pb2.ExpertGroup(expert=g.expert, num_tokens=g.num_tokens) for g, _ in parts],
