@@ -9,7 +9,9 @@ LOG=$(mktemp)
 
 $MOEMESH up --port "$PORT" 2>&1 | tee "$LOG" &
 UP=$!
-trap 'kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null; rm -f "$LOG"' EXIT INT TERM
+stop() { kill -TERM $UP 2>/dev/null; wait $UP 2>/dev/null; rm -f "$LOG"; }
+trap stop EXIT
+trap 'stop; exit 0' INT TERM  # Ctrl-C is how the demo ends
 
 until grep -q "^gateway listening on" "$LOG"; do
   if ! kill -0 $UP 2>/dev/null; then echo "moemesh up failed to start" >&2; exit 1; fi
