@@ -69,6 +69,9 @@ class GatewaySettings(ServiceSettings):
     max_session_turns: int = Field(256, description="most turns in one session")
     max_session_tokens: int = Field(0, description="most tokens in one session; 0: the context length")
     kv_chunk_tokens: int = Field(64, description="tokens per KV-cache chunk stored in Redis")
+    session_lock_ttl_s: float = Field(
+        6.0, description="expiry of a session's turn lock, renewed while the turn runs (frees a crashed gateway's)"
+    )
 
 
 def add_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:
