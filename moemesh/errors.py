@@ -47,3 +47,21 @@ class CheckpointError(MoemeshError):
     """A checkpoint that cannot be served: missing or mis-shaped tensor, unsupported model type."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+_BY_CODE: dict[grpc.StatusCode, type[MoemeshError]] = {
+    cls.code: cls
+    for cls in (InvalidArgument, NotFound, Aborted, ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled)
+}
+
+
+def from_status(code: grpc.StatusCode, message: str) -> MoemeshError:
+    """The domain error for a status a peer answered with, so it keeps its code on the way back."""
+    error = _BY_CODE.get(code, MoemeshError)(message)
+    error.code = code
+    return error
+
+
+def status_code(number: int) -> grpc.StatusCode:
+    """`grpc.StatusCode` from its wire number (UNKNOWN for numbers gRPC does not define)."""
+    return next((c for c in grpc.StatusCode if c.value[0] == number), grpc.StatusCode.UNKNOWN)

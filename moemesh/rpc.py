@@ -14,7 +14,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from moemesh.errors import DeadlineExceeded, InvalidArgument, MoemeshError, Unavailable
+from moemesh.errors import InvalidArgument, MoemeshError, Unavailable, from_status, status_code
+from moemesh.v1 import call_pb2
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,22 @@ MAX_MESSAGE_BYTES = 512 * 1024 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+# Internal channels ping their peer: a hung (e.g. SIGSTOPped) process that the kernel still keeps
+# connected breaks the stream within keepalive time + timeout, which fails its pending calls over.
+KEEPALIVE_TIME_MS = 2000
+KEEPALIVE_TIMEOUT_MS = 2000
+INTERNAL_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [
+    ("grpc.keepalive_time_ms", KEEPALIVE_TIME_MS),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+# Servers accept those pings instead of answering them with GOAWAY (too_many_pings).
+SERVER_OPTIONS = CHANNEL_OPTIONS + [
+    ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
+    ("grpc.http2.max_ping_strikes", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
 ]
 
 
@@ -55,12 +72,32 @@ def map_errors(method: Callable) -> Callable:
     return unary_wrapper
 
 
+def call_status(exc: Exception) -> call_pb2.CallStatus:
+    """The status one call of a multiplexed stream answers with (the stream itself stays open)."""
+    if isinstance(exc, MoemeshError):
+        return call_pb2.CallStatus(code=exc.code.value[0], message=str(exc))
+    log.error("unhandled error in a call", exc_info=exc)
+    return call_pb2.CallStatus(code=grpc.StatusCode.INTERNAL.value[0], message=f"internal error: {type(exc).__name__}")
+
+
+def answer_calls(
+    requests: Iterator[Any], handle: Callable[[Any], Any], failed: Callable[[int, call_pb2.CallStatus], Any]
+) -> Iterator[Any]:
+    """Answers each request of a long-lived stream in turn: `handle(request)` gives the response, and a call
+    that raises is answered by `failed(request_id, status)`, so one bad call never ends the others."""
+    for request in requests:
+        try:
+            yield handle(request)
+        except Exception as exc:  # noqa: BLE001 - per-call errors become per-call statuses
+            yield failed(request.request_id, call_status(exc))
+
+
 class Service:
     """A gRPC server with standard health checking, a ready line, and graceful drain on SIGTERM."""
 
     def __init__(self, name: str, host: str, port: int, workers: int = 32):
         self.name = name
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=CHANNEL_OPTIONS)
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -89,14 +126,16 @@ class StreamClient:
     """Many concurrent request/response pairs over one long-lived bidirectional stream.
 
     Requests carry a `request_id`; a reader thread resolves each caller's future from the matching
-    response. A broken stream fails every pending call with UNAVAILABLE and is reopened on next use.
+    response, or fails it alone when the response carries an error status. A broken stream (the
+    transport, or the server ending it) fails every pending call with UNAVAILABLE and is reopened on
+    next use.
     """
 
     _CLOSE = object()
 
     def __init__(self, target: str, open_stream: Callable[[grpc.Channel], Callable[..., Iterator[Any]]]):
         self.target = target
-        self._channel = grpc.insecure_channel(target, options=CHANNEL_OPTIONS)
+        self._channel = grpc.insecure_channel(target, options=INTERNAL_CHANNEL_OPTIONS)
         self._method = open_stream(self._channel)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -114,13 +153,6 @@ class StreamClient:
             if self._stream is not None:
                 self._stream.close()
         self._channel.close()
-
-
-def wait(future: futures.Future, timeout_s: float, target: str) -> Any:
-    try:
-        return future.result(timeout=timeout_s)
-    except futures.TimeoutError:
-        raise DeadlineExceeded(f"{target}: no answer within {timeout_s:g}s") from None
 
 
 class _OpenStream:
@@ -153,7 +185,11 @@ class _OpenStream:
             for response in self._responses:
                 with self._lock:
                     future = self._pending.pop(response.request_id, None)
-                if future is not None:
+                if future is None:
+                    continue
+                if response.status.code:
+                    future.set_exception(from_status(status_code(response.status.code), response.status.message))
+                else:
                     future.set_result(response)
         except grpc.RpcError as exc:
             kind = InvalidArgument if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else Unavailable

@@ -42,6 +42,9 @@ class ExpertSettings(ServiceSettings):
     registry: str | None = Field(None, description="Redis URL to announce this replica in (heartbeat TTL)")
     advertise: str | None = Field(None, description="address routers reach this replica at; default host:port")
     quantize: Literal["none", "int8"] = Field("none", description="int8: weight-only, per output channel")
+    fault_slowdown: float = Field(
+        1.0, description="fault injection for tests: while on (SIGUSR1 toggles), each call takes this many times longer"
+    )
 
 
 class RouterSettings(ServiceSettings):
@@ -50,6 +53,9 @@ class RouterSettings(ServiceSettings):
     registry: str | None = Field(None, description="Redis URL where expert replicas announce themselves")
     call_timeout_s: float = Field(30.0, description="deadline of one MoE layer's expert calls, resends included")
     start_timeout_s: float = Field(300.0, description="how long to wait at start for every expert to have a replica")
+    hedge_floor_s: float = Field(
+        0.25, description="least time an expert call gets before it is hedged to another replica (budget: 3 x p99)"
+    )
 
 
 class GatewaySettings(ServiceSettings):
@@ -64,6 +70,9 @@ class GatewaySettings(ServiceSettings):
     max_new_tokens_limit: int = Field(4096, description="largest max_new_tokens a request may ask for")
     max_context: int = Field(0, description="longest prompt + completion; 0: the model's max_position_embeddings")
     router_timeout_s: float = Field(60.0, description="deadline of one router call")
+    hedge_floor_s: float = Field(
+        1.0, description="least time a router call gets before it is hedged to another router (budget: 3 x p99)"
+    )
     workers: int = Field(256, description="gRPC worker threads (concurrent RPCs)")
     session_ttl_s: int = Field(3600, description="seconds a session lives after its last use")
     max_session_turns: int = Field(256, description="most turns in one session")

@@ -1,5 +1,7 @@
 """`moemesh expert`: load a shard and serve it."""
 
+import signal
+
 import redis
 import torch
 
@@ -12,20 +14,23 @@ from services.experts.servicer import ExpertServicer
 from services.experts.shard import ExpertShard
 
 
-def create_service(settings: ExpertSettings) -> tuple[Service, ExpertShard]:
+def create_service(settings: ExpertSettings) -> tuple[Service, ExpertServicer]:
     ckpt = Checkpoint(settings.model)
     dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype)
     shard = ExpertShard.load(ckpt, settings.shard, dtype, settings.quantize)
     service = Service("expert", settings.host, settings.port)
-    servicer = ExpertServicer(shard, dtype, settings.wire_torch_dtype(dtype))
+    servicer = ExpertServicer(shard, dtype, settings.wire_torch_dtype(dtype), settings.fault_slowdown)
     expert_pb2_grpc.add_ExpertServicer_to_server(servicer, service.server)
-    return service, shard
+    return service, servicer
 
 
 def serve(settings: ExpertSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    service, shard = create_service(settings)
+    service, servicer = create_service(settings)
+    shard = servicer.shard
+    if settings.fault_slowdown != 1.0:
+        signal.signal(signal.SIGUSR1, lambda *_: servicer.toggle_slowdown())
     service.start()
     registration = None
     if settings.registry:

@@ -2,20 +2,24 @@
 
 Requests join and leave the running batch between steps. Each step packs decode tokens first, then
 prefill chunks within `max_batch_tokens`, and runs one forward pass, which makes one routed-experts
-call per MoE layer for all of them.
+call per MoE layer for all of them. A sequence whose client deadline has passed leaves before the
+next step, so it never holds up or fails the others. A step that fails is run once more (its cache
+writes are idempotent: a cache's length advances only after a step succeeds) before its sequences
+fail.
 """
 
 import logging
 import queue
 import random
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from moemesh.errors import Cancelled, MoemeshError, ResourceExhausted, Unavailable
+from moemesh.errors import Cancelled, DeadlineExceeded, InvalidArgument, MoemeshError, ResourceExhausted, Unavailable
 from moemesh.model import DenseModel, KVCache, RoutedExperts, SequenceSlice, StepBatch
 from services.gateway import metrics
 from services.gateway.requests import GenerationRequest, StepOutput
@@ -63,6 +67,9 @@ class Sequence:
 
     def cancel(self) -> None:
         self.cancelled = True
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
 
     def outputs(self) -> Iterator[StepOutput]:
         """Blocks for each step's output until the last one; raises the error that ended the sequence."""
@@ -136,7 +143,7 @@ class Engine:
         while True:
             with self._wakeup:
                 while True:
-                    self._drop_cancelled()
+                    self._drop_finished_by_client()
                     self._admit()
                     metrics.RUNNING.set(len(self.running))
                     metrics.WAITING.set(len(self._waiting))
@@ -147,10 +154,12 @@ class Engine:
                     self._wakeup.wait()
             self._step()
 
-    def _drop_cancelled(self) -> None:
-        for seq in [s for s in (*self.running, *self._waiting) if s.cancelled]:
+    def _drop_finished_by_client(self) -> None:
+        """Sequences whose client cancelled or whose deadline passed leave the batch and the queue."""
+        now = time.monotonic()
+        for seq in [s for s in (*self.running, *self._waiting) if s.cancelled or s.expired(now)]:
             (self.running if seq in self.running else self._waiting).remove(seq)
-            seq.emit(Cancelled("request cancelled"))
+            seq.emit(Cancelled("request cancelled") if seq.cancelled else DeadlineExceeded("deadline exceeded"))
 
     def _admit(self) -> None:
         while self._waiting and len(self.running) < self.config.max_batch_seqs:
@@ -187,8 +196,7 @@ class Engine:
         latest = None if None in deadlines else max(deadlines)  # the step is useful until its last client gives up
         batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows, latest)
         try:
-            with metrics.STEP_SECONDS.time():
-                logits = self.model(batch, self.routed)
+            logits = self._forward(batch)
             for seq, n in chosen:
                 seq.computed += n
                 seq.cache.length += n
@@ -201,6 +209,21 @@ class Engine:
             log.warning("step failed for %d sequences: %s", len(chosen), exc, exc_info=trace)
             error = exc if isinstance(exc, MoemeshError) else MoemeshError(f"internal error: {type(exc).__name__}")
             self._fail([seq for seq, _ in chosen if seq in self.running], error)
+
+    def _forward(self, batch: StepBatch) -> torch.Tensor:
+        """The step's forward pass, run once more if it fails for a reason a rerun may not meet again."""
+        for attempt in (1, 2):
+            try:
+                with metrics.STEP_SECONDS.time():
+                    return self.model(batch, self.routed)
+            except InvalidArgument:
+                raise  # the same input fails the same way
+            except Exception as exc:  # noqa: BLE001
+                out_of_time = batch.deadline is not None and time.monotonic() >= batch.deadline
+                if attempt == 2 or out_of_time:
+                    raise
+                log.warning("step failed (%s); running it once more", exc)
+        raise AssertionError("unreachable")
 
     def _advance(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.output_ids.append(token)

@@ -1,7 +1,9 @@
 """`RouterClient`: the gateway's `RoutedExperts` when the experts run as services behind routers.
 
-Routers are stateless per call, so a call that fails on one router (UNAVAILABLE, a broken stream)
-is resent to the next one; later calls stay with the router that answered.
+Routers are stateless per call, so each call goes to the router expected to answer first
+(`moemesh.peers.Chooser`); a call whose router fails (UNAVAILABLE, a broken stream) is resent to
+another router, and one whose router does not answer within its latency budget (hung, SIGSTOPped,
+overloaded) is hedged to another router, the first answer winning.
 """
 
 import threading
@@ -13,16 +15,26 @@ import torch
 
 from moemesh import codec
 from moemesh.errors import Unavailable
-from moemesh.rpc import CHANNEL_OPTIONS, StreamClient, wait
+from moemesh.peers import Attempt, Chooser, HedgedCall, Peer
+from moemesh.rpc import CHANNEL_OPTIONS, StreamClient
 from moemesh.v1 import router_pb2, router_pb2_grpc
 
 
 class RouterClient:
-    def __init__(self, addresses: list[str], compute_dtype: torch.dtype, wire_dtype: torch.dtype, timeout_s: float):
+    def __init__(
+        self,
+        addresses: list[str],
+        compute_dtype: torch.dtype,
+        wire_dtype: torch.dtype,
+        timeout_s: float,
+        hedge_floor_s: float = 1.0,
+    ):
         self.compute_dtype, self.wire_dtype, self.timeout_s = compute_dtype, wire_dtype, timeout_s
-        self.clients = [StreamClient(a, lambda channel: router_pb2_grpc.RouterStub(channel).Forward) for a in addresses]
-        self._current = 0  # index of the router in use
-        self._lock = threading.Lock()
+        self.routers = [
+            Peer(StreamClient(a, lambda ch: router_pb2_grpc.RouterStub(ch).Forward), hedge_floor_s, 10 * hedge_floor_s)
+            for a in addresses
+        ]
+        self._chooser = Chooser()
 
     @staticmethod
     def wait_ready(addresses: list[str], timeout_s: float) -> None:
@@ -42,27 +54,22 @@ class RouterClient:
     def submit(self, layer: int, hidden: torch.Tensor, deadline: float | None) -> Callable[[], torch.Tensor]:
         wire = codec.to_pb(hidden, self.wire_dtype)
         timeout_s = self.timeout_s if deadline is None else max(0.0, min(self.timeout_s, deadline - time.monotonic()))
-        first = self._current
+        rows = hidden.shape[0]
 
-        def request() -> router_pb2.MoeRequest:
-            return router_pb2.MoeRequest(layer=layer, hidden=wire, timeout_ms=max(1, int(timeout_s * 1000)))
+        def send(parts: list[int], tried: dict[int, set[Peer]]) -> list[Attempt]:
+            untried = [r for r in self.routers if r not in tried[0]]
+            if not untried:
+                raise Unavailable(f"layer {layer}: no router left to try")
+            router = self._chooser.choose(untried)
+            tried[0].add(router)
+            request = router_pb2.MoeRequest(layer=layer, hidden=wire, timeout_ms=max(1, int(timeout_s * 1000)))
+            return [router.call(request, rows, parts)]
 
-        future = self.clients[first].submit(request())
+        call = HedgedCall(1, send, time.monotonic() + timeout_s, f"layer {layer} router call")
 
         def output() -> torch.Tensor:
-            index, pending = first, future
-            for attempt in range(len(self.clients)):
-                client = self.clients[index]
-                try:
-                    response = wait(pending, timeout_s, client.target)
-                    return codec.from_pb(response.output, self.compute_dtype, field="output")
-                except Unavailable:
-                    if attempt == len(self.clients) - 1:
-                        raise
-                    index = (index + 1) % len(self.clients)
-                    with self._lock:
-                        self._current = index
-                    pending = self.clients[index].submit(request())
-            raise AssertionError("unreachable")
+            for _, response, _ in call.answers():
+                return codec.from_pb(response.output, self.compute_dtype, field="output")
+            raise AssertionError("a call of one part ends with its answer")
 
         return output

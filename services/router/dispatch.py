@@ -2,7 +2,9 @@
 
 All replicas of one call are sent to before any answer is awaited, so shards work concurrently.
 When a replica fails (UNAVAILABLE, a deadline, a broken stream), its groups are resent to another
-replica holding those experts; the caller sees nothing unless no replica is left for an expert.
+replica holding those experts; when it is slow or hung (no answer within its latency budget), they
+are hedged to another holder and the first answer wins. The caller sees nothing unless no replica
+is left for an expert.
 """
 
 import logging
@@ -12,9 +14,9 @@ import torch
 from prometheus_client import Counter
 
 from moemesh import codec
-from moemesh.errors import DeadlineExceeded, Unavailable
+from moemesh.errors import DeadlineExceeded
 from moemesh.moe import ExpertGroup
-from moemesh.rpc import wait
+from moemesh.peers import Attempt, HedgedCall, Peer
 from moemesh.v1 import expert_pb2
 from services.router.placement import ExpertReplica, Placement
 
@@ -36,57 +38,47 @@ class RemoteExperts:
         """`timeout_s`: what is left of the caller's deadline; the configured limit caps it."""
         for g in groups:
             EXPERT_TOKENS.labels(layer=str(layer), expert=str(g.expert)).inc(g.num_tokens)
-        out = torch.empty_like(rows)
         starts = [0]
         for g in groups[:-1]:
             starts.append(starts[-1] + g.num_tokens)
-        todo: list[Part] = list(zip(groups, starts))
-        failed: set[ExpertReplica] = set()
+        parts: list[Part] = list(zip(groups, starts))
         budget = self.timeout_s if timeout_s is None else min(timeout_s, self.timeout_s)
-        deadline = time.monotonic() + budget
-        while todo:
-            if time.monotonic() > deadline:
-                raise DeadlineExceeded(f"layer {layer}: experts did not answer within {budget:g}s")
-            calls = [
-                self._send(layer, replica, parts, rows) for replica, parts in self._assign(layer, todo, failed).items()
-            ]
-            todo = []
-            for replica, parts, future in calls:
-                try:
-                    response = wait(future, max(0.0, deadline - time.monotonic()), replica.address)
-                except (Unavailable, DeadlineExceeded) as exc:
-                    log.warning("expert %s failed (%s); resending its %d groups", replica.address, exc, len(parts))
-                    replica.failed_at = time.monotonic()
-                    failed.add(replica)
-                    todo += parts
-                    continue
-                finally:
-                    with replica.lock:
-                        replica.outstanding -= 1
-                self._scatter(out, parts, codec.from_pb(response.output, self.compute_dtype, field="output"))
+
+        def send(indices: list[int], tried: dict[int, set[Peer]]) -> list[Attempt]:
+            assigned: dict[ExpertReplica, list[int]] = {}
+            for i in indices:  # every part gets a replica before anything is sent
+                replica = self.placement.pick(layer, parts[i][0].expert, tried[i])
+                assigned.setdefault(replica, []).append(i)
+            for replica, chosen in assigned.items():
+                tried.update({i: tried[i] | {replica} for i in chosen})
+            return [self._send(layer, replica, chosen, parts, rows) for replica, chosen in assigned.items()]
+
+        out = torch.empty_like(rows)
+        call = HedgedCall(len(parts), send, time.monotonic() + budget, f"layer {layer} experts")
+        try:
+            for attempt, response, fresh in call.answers():
+                answer = codec.from_pb(response.output, self.compute_dtype, field="output")
+                self._scatter(out, [(parts[i], i in fresh) for i in attempt.parts], answer)
+        except DeadlineExceeded:
+            raise DeadlineExceeded(f"layer {layer}: experts did not answer within {budget:g}s") from None
         return out
 
-    def _assign(self, layer: int, parts: list[Part], failed: set[ExpertReplica]) -> dict[ExpertReplica, list[Part]]:
-        assigned: dict[ExpertReplica, list[Part]] = {}
-        for g, start in parts:
-            assigned.setdefault(self.placement.pick(layer, g.expert, failed), []).append((g, start))
-        return assigned
-
-    def _send(self, layer: int, replica: ExpertReplica, parts: list[Part], rows: torch.Tensor):
-        pieces = [rows[s : s + g.num_tokens] for g, s in parts]
+    def _send(self, layer: int, replica: ExpertReplica, chosen: list[int], parts: list[Part], rows: torch.Tensor):
+        groups = [parts[i][0] for i in chosen]
+        pieces = [rows[s : s + g.num_tokens] for g, s in (parts[i] for i in chosen)]
         sent = pieces[0] if len(pieces) == 1 else torch.cat(pieces)
         request = expert_pb2.ExpertRequest(
             layer=layer,
-            groups=[expert_pb2.ExpertGroup(expert=g.expert, num_tokens=g.num_tokens) for g, _ in parts],
+            groups=[expert_pb2.ExpertGroup(expert=g.expert, num_tokens=g.num_tokens) for g in groups],
             hidden=codec.to_pb(sent, self.wire_dtype),
         )
-        with replica.lock:
-            replica.outstanding += 1
-        return replica, parts, replica.client.submit(request)
+        return replica.call(request, sent.shape[0], chosen)
 
     @staticmethod
-    def _scatter(out: torch.Tensor, parts: list[Part], answer: torch.Tensor) -> None:
+    def _scatter(out: torch.Tensor, parts: list[tuple[Part, bool]], answer: torch.Tensor) -> None:
+        """Copies the answer's rows of each part flagged as answered first (a hedge may have won the rest)."""
         offset = 0
-        for g, start in parts:
-            out[start : start + g.num_tokens] = answer[offset : offset + g.num_tokens]
+        for (g, start), first in parts:
+            if first:
+                out[start : start + g.num_tokens] = answer[offset : offset + g.num_tokens]
             offset += g.num_tokens

@@ -2,40 +2,35 @@
 
 Replicas come from a static address list and, with a registry, from the announcements in Redis:
 one that joins takes traffic at the next poll, one that leaves or stops answering gets none. Each
-call goes to the least-loaded live replica holding the expert; a replica that failed a call is
-skipped for `RETRY_AFTER_S` unless it is the only holder.
+call goes to the holder of the expert expected to answer first (`moemesh.peers.Chooser`: calls in
+flight x recent latency), so a slow replica gets little traffic until it recovers, and a replica
+that failed is skipped for a while unless it is the only holder.
 """
 
-import itertools
 import logging
 import threading
-import time
-from dataclasses import dataclass, field
 
 import grpc
 import redis
 
 from moemesh import registry
 from moemesh.errors import CheckpointError, Unavailable
+from moemesh.peers import Chooser, Peer
 from moemesh.rpc import CHANNEL_OPTIONS, StreamClient
 from moemesh.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
 
-RETRY_AFTER_S = 2.0
 
+class ExpertReplica(Peer):
+    """An expert service replica and the (layer, expert) pairs it holds."""
 
-@dataclass(eq=False)
-class ExpertReplica:
-    address: str
-    held: set[tuple[int, int]]
-    client: StreamClient
-    outstanding: int = 0  # calls in flight; the least-loaded replica is chosen
-    failed_at: float = 0.0  # monotonic time of the last failed call
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    def __init__(self, client: StreamClient, held: set[tuple[int, int]], hedge_floor_s: float):
+        super().__init__(client, hedge_floor_s, initial_budget_s=10 * hedge_floor_s)
+        self.held = held
 
     @classmethod
-    def connect(cls, address: str, fingerprint: str, timeout_s: float) -> "ExpertReplica":
+    def connect(cls, address: str, fingerprint: str, timeout_s: float, hedge_floor_s: float) -> "ExpertReplica":
         with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
             try:
                 info = expert_pb2_grpc.ExpertStub(channel).Describe(
@@ -49,27 +44,31 @@ class ExpertReplica:
             )
         held = {(entry.layer, e) for entry in info.layers for e in entry.experts}
         client = StreamClient(address, lambda ch: expert_pb2_grpc.ExpertStub(ch).Forward)
-        return cls(address, held, client)
-
-    def healthy(self, now: float) -> bool:
-        return now - self.failed_at > RETRY_AFTER_S
+        return cls(client, held, hedge_floor_s)
 
 
 class Placement:
-    def __init__(self, layers: tuple[int, ...], num_experts: int, fingerprint: str, connect_timeout_s: float):
+    def __init__(
+        self,
+        layers: tuple[int, ...],
+        num_experts: int,
+        fingerprint: str,
+        connect_timeout_s: float,
+        hedge_floor_s: float,
+    ):
         self.layers, self.num_experts = layers, num_experts
-        self.fingerprint, self.connect_timeout_s = fingerprint, connect_timeout_s
+        self.fingerprint, self.connect_timeout_s, self.hedge_floor_s = fingerprint, connect_timeout_s, hedge_floor_s
         self._replicas: dict[str, ExpertReplica] = {}
         self._refused: set[str] = set()
         self._lock = threading.Lock()
-        self._turn = itertools.count()
+        self._chooser = Chooser()
 
     def add(self, address: str) -> None:
         """Connects to a replica and starts sending it traffic; a replica of another model is refused."""
         if address in self._replicas or address in self._refused:
             return
         try:
-            replica = ExpertReplica.connect(address, self.fingerprint, self.connect_timeout_s)
+            replica = ExpertReplica.connect(address, self.fingerprint, self.connect_timeout_s, self.hedge_floor_s)
         except CheckpointError as exc:
             self._refused.add(address)
             log.warning("%s", exc)
@@ -93,16 +92,13 @@ class Placement:
             held = set().union(*(r.held for r in self._replicas.values()))
         return [(layer, e) for layer in self.layers for e in range(self.num_experts) if (layer, e) not in held]
 
-    def pick(self, layer: int, expert: int, excluded: set[ExpertReplica]) -> ExpertReplica:
-        """The least-loaded replica holding the expert, preferring ones that have not failed lately."""
-        now = time.monotonic()
+    def pick(self, layer: int, expert: int, excluded: set[Peer]) -> ExpertReplica:
+        """The replica holding the expert that is expected to answer first, other than `excluded`."""
         with self._lock:
             holders = [r for r in self._replicas.values() if (layer, expert) in r.held and r not in excluded]
         if not holders:
             raise Unavailable(f"no live expert replica holds layer {layer} expert {expert}")
-        best = min((not r.healthy(now), r.outstanding) for r in holders)
-        tied = [r for r in holders if (not r.healthy(now), r.outstanding) == best]
-        return tied[next(self._turn) % len(tied)]  # round robin among equally loaded replicas
+        return self._chooser.choose(holders)
 
     def replicas(self) -> list[ExpertReplica]:
         with self._lock:

@@ -26,7 +26,7 @@ def create_service(settings: RouterSettings) -> Service:
     cfg = ckpt.config
     dtype = settings.compute_dtype(cfg.checkpoint_dtype)
     wire = settings.wire_torch_dtype(dtype)
-    placement = Placement(cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, CONNECT_TIMEOUT_S)
+    placement = Placement(cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, CONNECT_TIMEOUT_S, settings.hedge_floor_s)
     static = settings.experts + (read_placement_file(settings.placement_file) if settings.placement_file else [])
     if settings.registry:
         Discovery(placement, redis.Redis.from_url(settings.registry, socket_timeout=2), static).start()

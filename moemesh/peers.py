@@ -1,0 +1,213 @@
+"""Choosing among replicas of a peer service, and calls that survive a slow, hung or dead replica.
+
+Each `Peer` (a router seen from the gateway, an expert replica seen from the router) keeps its
+recent answer times and its calls in flight. A new call goes to the peer expected to answer first
+(in-flight calls x EWMA latency), round robin among those within `TIE` of the best, so equally fast
+replicas share the load while a slow one gets little. A peer that failed is skipped for a backoff
+that doubles with each consecutive failure; an idle peer is probed now and then so that one that
+recovered wins its traffic back.
+
+`HedgedCall` sends a call's parts, resends the parts of a peer that fails to another peer, and
+hedges the parts of a peer that has not answered within its budget (3 x its recent p99, with a
+floor) to another peer, taking whichever answer comes first.
+"""
+
+import itertools
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any
+
+from moemesh.errors import DeadlineExceeded, Unavailable
+from moemesh.rpc import StreamClient
+
+log = logging.getLogger(__name__)
+
+TIE = 1.5  # peers whose expected answer time is within this factor of the best share the calls
+PROBE_S = 1.0  # an idle healthy peer gets a call after this long, so its latency is known again
+BACKOFF_S = 1.0  # skip a failed peer this long, doubled per consecutive failure, up to BACKOFF_MAX_S
+BACKOFF_MAX_S = 30.0
+BUDGET_P99_FACTOR = 3.0
+ROWS_PER_UNIT = 32  # latencies are kept per (1 + rows / ROWS_PER_UNIT), so big calls get longer budgets
+MIN_SAMPLES = 8  # until then, a call's budget is `initial_budget_s`
+FAILURES = (Unavailable, DeadlineExceeded)  # what a peer that died, hung or was cut off answers
+
+
+class LatencyStats:
+    """Recent answer times of one peer, normalized by call size: an EWMA ranks peers, the p99 bounds calls."""
+
+    def __init__(self, floor_s: float, initial_budget_s: float, alpha: float = 0.2, window: int = 64):
+        self.floor_s, self.initial_budget_s, self.alpha = floor_s, initial_budget_s, alpha
+        self.ewma = 0.0
+        self._recent: deque[float] = deque(maxlen=window)
+
+    @staticmethod
+    def _units(rows: int) -> float:
+        return 1 + rows / ROWS_PER_UNIT
+
+    def observe(self, seconds: float, rows: int) -> None:
+        sample = seconds / self._units(rows)
+        self.ewma = sample if not self._recent else self.ewma + self.alpha * (sample - self.ewma)
+        self._recent.append(sample)
+
+    def expected(self) -> float:
+        return self.ewma
+
+    def budget(self, rows: int) -> float:
+        """How long a call of `rows` may take before the peer counts as failed for it."""
+        if len(self._recent) < MIN_SAMPLES:
+            return max(self.floor_s, self.initial_budget_s)
+        ordered = sorted(self._recent)
+        p99 = ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
+        return max(self.floor_s, BUDGET_P99_FACTOR * p99 * self._units(rows))
+
+
+class Peer:
+    """One replica: its stream, latency, calls in flight and failures."""
+
+    def __init__(self, client: StreamClient, floor_s: float, initial_budget_s: float):
+        self.client = client
+        self.latency = LatencyStats(floor_s, initial_budget_s)
+        self.outstanding = 0  # calls sent and neither answered nor failed yet
+        self.failures = 0  # consecutive
+        self.failed_at = -math.inf
+        self.last_sent = -math.inf
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        return self.client.target
+
+    def healthy(self, now: float) -> bool:
+        return now - self.failed_at > min(BACKOFF_MAX_S, BACKOFF_S * 2 ** max(0, self.failures - 1))
+
+    def cost(self) -> float:
+        """Expected time to answer one more call."""
+        return (self.outstanding + 1) * self.latency.expected()
+
+    def mark_failed(self) -> None:
+        with self._lock:
+            self.failures += 1
+            self.failed_at = time.monotonic()
+
+    def call(self, request: Any, rows: int, parts: list[int]) -> "Attempt":
+        """Sends `request`; the attempt's future resolves with the response or the call's error."""
+        started = time.monotonic()
+        with self._lock:
+            self.outstanding += 1
+            self.last_sent = started
+        future = self.client.submit(request)
+        future.add_done_callback(lambda f: self._finished(f, started, rows))
+        return Attempt(self, parts, started + self.latency.budget(rows), future)
+
+    def _finished(self, future: futures.Future, started: float, rows: int) -> None:
+        error = future.exception()
+        with self._lock:
+            self.outstanding -= 1
+            if error is None:
+                self.latency.observe(time.monotonic() - started, rows)
+                self.failures = 0
+            elif isinstance(error, FAILURES):
+                self.failures += 1
+                self.failed_at = time.monotonic()
+
+
+class Chooser:
+    """Picks the peer expected to answer first (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+
+    def choose(self, peers: list[Peer]) -> Peer:
+        now = time.monotonic()
+        live = [p for p in peers if p.healthy(now)] or peers  # every holder failed lately: try them anyway
+        costs = [p.cost() for p in live]
+        best = min(costs)
+        near = [
+            p for p, c in zip(live, costs) if c <= best * TIE or (p.outstanding == 0 and now - p.last_sent > PROBE_S)
+        ]
+        return near[next(self._turn) % len(near)]
+
+
+@dataclass(eq=False)
+class Attempt:
+    """Some parts of a call, sent to one peer."""
+
+    peer: Peer
+    parts: list[int]
+    hedge_at: float  # monotonic time after which the parts are also sent elsewhere
+    future: futures.Future
+    hedged: bool = False
+
+
+Send = Callable[[list[int], dict[int, set[Peer]]], list[Attempt]]
+
+
+class HedgedCall:
+    """Runs a call of `num_parts` parts to completion across peers.
+
+    `send(parts, tried)` sends the given parts, each to a peer not in `tried[part]` (and adds it
+    there), grouped into attempts; it raises `Unavailable`, having sent nothing, when a part has no
+    such peer left.
+    """
+
+    def __init__(self, num_parts: int, send: Send, deadline: float, what: str):
+        self.send, self.deadline, self.what = send, deadline, what
+        self.todo = set(range(num_parts))
+        self.tried: dict[int, set[Peer]] = {i: set() for i in range(num_parts)}
+        self.pending = {a.future: a for a in send(sorted(self.todo), self.tried)}  # in flight from here on
+
+    def answers(self) -> Iterator[tuple[Attempt, Any, set[int]]]:
+        """Yields (attempt, response, parts it answered first) until every part has an answer."""
+        while self.todo:
+            now = time.monotonic()
+            if now >= self.deadline:
+                raise DeadlineExceeded(f"{self.what}: no answer within the deadline")
+            hedges = [a.hedge_at for a in self.pending.values() if not a.hedged]
+            wake = min([self.deadline, *hedges])
+            done, _ = futures.wait(list(self.pending), timeout=max(0.0, wake - now), return_when="FIRST_COMPLETED")
+            for future in done:
+                attempt = self.pending.pop(future)
+                try:
+                    response = future.result()
+                except FAILURES as exc:
+                    log.warning("%s failed on %s (%s); resending", self.what, attempt.peer.address, exc)
+                    self._resend(self._uncovered(attempt.parts), cause=exc)
+                    continue
+                fresh = self.todo.intersection(attempt.parts)
+                self.todo -= fresh
+                if fresh:
+                    yield attempt, response, fresh
+            self._hedge_overdue()
+
+    def _hedge_overdue(self) -> None:
+        now = time.monotonic()
+        for attempt in list(self.pending.values()):
+            if not attempt.hedged and now >= attempt.hedge_at:
+                attempt.hedged = True
+                attempt.peer.mark_failed()  # slow or hung: treated as failed for new calls a while
+                log.warning("%s: %s did not answer in time; hedging", self.what, attempt.peer.address)
+                try:
+                    self._resend([i for i in attempt.parts if i in self.todo])
+                except Unavailable:
+                    pass  # no other peer for these parts: wait for this one
+
+    def _uncovered(self, parts: list[int]) -> list[int]:
+        """Parts still without an answer and not in flight on another attempt."""
+        in_flight = {i for a in self.pending.values() for i in a.parts}
+        return [i for i in parts if i in self.todo and i not in in_flight]
+
+    def _resend(self, parts: list[int], cause: Exception | None = None) -> None:
+        """Sends `parts` to peers that have not had them; UNAVAILABLE (naming `cause`) when a part has none."""
+        if not parts:
+            return
+        try:
+            attempts = self.send(parts, self.tried)
+        except Unavailable as exc:
+            raise Unavailable(f"{exc} (last failure: {cause})" if cause else str(exc)) from None
+        self.pending |= {a.future: a for a in attempts}
