@@ -1,35 +1,36 @@
 """Choosing among replicas of a peer service, and calls that survive a slow, hung or dead replica.
 
 Each `Peer` (a router seen from the gateway, an expert replica seen from the router) keeps its
-recent answer times and its calls in flight. A new call goes to the peer expected to answer first
-(in-flight calls x EWMA latency), round robin among those within `TIE` of the best, so equally fast
-replicas share the load while a slow one gets little. A peer that failed is skipped for a backoff
-that doubles with each consecutive failure; an idle peer is probed now and then so that one that
-recovered wins its traffic back.
+recent answer times and its calls in flight. Its cost is the time it is expected to take for one
+more call: (calls in flight + 1) x its EWMA latency, or x the age of its oldest unanswered call when
+that is longer (a hung peer's cost grows by itself). A call goes to a peer drawn with weight
+1 / cost^3, so equally fast replicas share the load, one 3x slower gets under 4% of it, and that
+trickle keeps its latency known so it wins its traffic back once it recovers. A peer that failed is
+skipped for a backoff that doubles with each consecutive failure.
 
 `HedgedCall` sends a call's parts, resends the parts of a peer that fails to another peer, and
 hedges the parts of a peer that has not answered within its budget (3 x its recent p99, with a
 floor) to another peer, taking whichever answer comes first.
 """
 
-import itertools
 import logging
 import math
+import random
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from moemesh.errors import DeadlineExceeded, Unavailable
 from moemesh.rpc import StreamClient
 
 log = logging.getLogger(__name__)
 
-TIE = 1.5  # peers whose expected answer time is within this factor of the best share the calls
-PROBE_S = 1.0  # an idle healthy peer gets a call after this long, so its latency is known again
+COST_POWER = 3  # how sharply a slower peer loses calls
+MIN_COST_S = 1e-4  # a peer not measured yet costs this little, so it gets calls and is measured
 BACKOFF_S = 1.0  # skip a failed peer this long, doubled per consecutive failure, up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 30.0
 BUDGET_P99_FACTOR = 3.0
@@ -73,10 +74,9 @@ class Peer:
     def __init__(self, client: StreamClient, floor_s: float, initial_budget_s: float):
         self.client = client
         self.latency = LatencyStats(floor_s, initial_budget_s)
-        self.outstanding = 0  # calls sent and neither answered nor failed yet
+        self.in_flight: dict[futures.Future, float] = {}  # calls neither answered nor failed: start times
         self.failures = 0  # consecutive
         self.failed_at = -math.inf
-        self.last_sent = -math.inf
         self._lock = threading.Lock()
 
     @property
@@ -86,9 +86,16 @@ class Peer:
     def healthy(self, now: float) -> bool:
         return now - self.failed_at > min(BACKOFF_MAX_S, BACKOFF_S * 2 ** max(0, self.failures - 1))
 
-    def cost(self) -> float:
+    @property
+    def outstanding(self) -> int:
+        return len(self.in_flight)
+
+    def cost(self, now: float) -> float:
         """Expected time to answer one more call."""
-        return (self.outstanding + 1) * self.latency.expected()
+        with self._lock:
+            oldest = min(self.in_flight.values(), default=now)
+            waiting = len(self.in_flight)
+        return max(MIN_COST_S, (waiting + 1) * max(self.latency.expected(), now - oldest))
 
     def mark_failed(self) -> None:
         with self._lock:
@@ -98,17 +105,16 @@ class Peer:
     def call(self, request: Any, rows: int, parts: list[int]) -> "Attempt":
         """Sends `request`; the attempt's future resolves with the response or the call's error."""
         started = time.monotonic()
-        with self._lock:
-            self.outstanding += 1
-            self.last_sent = started
         future = self.client.submit(request)
+        with self._lock:
+            self.in_flight[future] = started
         future.add_done_callback(lambda f: self._finished(f, started, rows))
         return Attempt(self, parts, started + self.latency.budget(rows), future)
 
     def _finished(self, future: futures.Future, started: float, rows: int) -> None:
         error = future.exception()
         with self._lock:
-            self.outstanding -= 1
+            self.in_flight.pop(future, None)
             if error is None:
                 self.latency.observe(time.monotonic() - started, rows)
                 self.failures = 0
@@ -117,21 +123,19 @@ class Peer:
                 self.failed_at = time.monotonic()
 
 
+P = TypeVar("P", bound=Peer)
+
+
 class Chooser:
-    """Picks the peer expected to answer first (see the module docstring)."""
+    """Draws a peer with weight 1 / cost^3 among those not backing off (see the module docstring)."""
 
-    def __init__(self) -> None:
-        self._turn = itertools.count()
+    def __init__(self, seed: int | None = None) -> None:
+        self._random = random.Random(seed)
 
-    def choose(self, peers: list[Peer]) -> Peer:
+    def choose(self, peers: list[P]) -> P:
         now = time.monotonic()
         live = [p for p in peers if p.healthy(now)] or peers  # every holder failed lately: try them anyway
-        costs = [p.cost() for p in live]
-        best = min(costs)
-        near = [
-            p for p, c in zip(live, costs) if c <= best * TIE or (p.outstanding == 0 and now - p.last_sent > PROBE_S)
-        ]
-        return near[next(self._turn) % len(near)]
+        return self._random.choices(live, [p.cost(now) ** -COST_POWER for p in live])[0]
 
 
 @dataclass(eq=False)
