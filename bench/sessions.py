@@ -208,7 +208,7 @@ def run(model: Path, experts: int, num_sessions: int, history_tokens: int, max_n
     channels = []
     try:
         redis_url = up.wait_for(r"^\[redis\] ready on (\S+)").group(1)
-        router = up.wait_for(r"^\[router\] ready on (\S+)").group(1)
+        router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1)
         address_a = up.wait_for(r"^gateway listening on (\S+)").group(1)
         # Gateway B: another replica, as an operator would start it. OMP_WAIT_POLICY=PASSIVE as `moemesh up`
         # sets for its children, so B's OpenMP threads do not spin on the cores the router and experts need.

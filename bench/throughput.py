@@ -260,7 +260,7 @@ def run_distributed(model: Path, experts: int, levels: list[int], num_requests: 
     up = start_up(model, experts, service_threads)
     try:
         address = up.wait_for(r"^gateway listening on (\S+)").group(1)
-        router = up.wait_for(r"^\[router\] ready on (\S+)").group(1)
+        router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1)
         metrics = up.wait_for(r"gateway metrics on (\S+)").group(1)
         print(f"  cluster up: gateway {address}, router {router}, {experts} expert shards", flush=True)
         channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)

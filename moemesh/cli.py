@@ -15,14 +15,22 @@ SERVICES = {
 }
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moemesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start gateway, router, expert shards and redis-server on loopback")
     up.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled demo model)")
-    up.add_argument("--experts", type=int, default=2, help="expert shards")
-    up.add_argument("--replicas", type=int, default=1, help="replicas of each shard")
+    up.add_argument("--experts", type=_positive, default=2, help="expert shards")
+    up.add_argument("--replicas", type=_positive, default=1, help="replicas of each shard")
+    up.add_argument("--routers", type=_positive, default=1, help="routers (the gateway fails over between them)")
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: a free one)")
     up.add_argument("--redis", help="Redis URL (default: start a redis-server)")
@@ -74,9 +82,9 @@ def _run(args: argparse.Namespace) -> int:
 
         return up(
             ClusterSpec(
-                model=args.model or demo_model.ensure(), experts=args.experts, replicas=args.replicas, host=args.host,
-                port=args.port, redis_url=args.redis, dtype=args.dtype, wire_dtype=args.wire_dtype,
-                quantize=args.quantize,
+                model=args.model or demo_model.ensure(), experts=args.experts, replicas=args.replicas,
+                routers=args.routers, host=args.host, port=args.port, redis_url=args.redis, dtype=args.dtype,
+                wire_dtype=args.wire_dtype, quantize=args.quantize,
             )
         )  # fmt: skip
     if args.command in SERVICES:

@@ -1,8 +1,12 @@
-"""`moemesh up`: a whole cluster on loopback (redis-server, N expert shards x R replicas, router, gateway).
+"""`moemesh up`: a whole cluster on loopback (redis-server, N expert shards x R replicas, routers, gateway).
 
-Children start in dependency order; each prints `<role> listening on HOST:PORT` when it can serve.
-A child that dies ends the cluster with a clear message and a non-zero exit; SIGINT/SIGTERM stops
-every child. Children also get SIGTERM from the kernel if this process dies (PR_SET_PDEATHSIG).
+Children start in dependency order; each prints `<role> listening on HOST:PORT` when it can serve, and
+`up` prints `[name] ready on ADDRESS`. A child that fails to start ends `up` with its cause and a non-zero
+exit. Once the cluster is up, `up` supervises it: an expert replica, router or redis-server (one that `up`
+started) that dies is started again with the same command line after a short backoff. Routers and Redis
+keep their ports, so the gateway's router list and the Redis URL stay valid; experts take a new port and
+announce it in the registry. The gateway's death ends the cluster with a non-zero exit. SIGINT/SIGTERM
+stops every child. Children also get SIGTERM from the kernel if this process dies (PR_SET_PDEATHSIG).
 """
 
 import ctypes
@@ -22,19 +26,39 @@ import redis
 
 READY = re.compile(r"^(\w+) listening on (\S+)$")
 START_TIMEOUT_S = 300
+BACKOFF_MIN_S = 0.5  # first wait before a restart
+BACKOFF_MAX_S = 5.0  # the wait doubles up to this while a child keeps dying quickly
+STABLE_S = 10.0  # a child that ran at least this long is restarted after the shortest wait again
+
+_prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl  # loaded here, not in the forked child
 
 
 class ClusterError(Exception):
     """A child failed to start or died; the message names it."""
 
 
+class Stopping(Exception):
+    """The cluster is stopping: no child starts any more."""
+
+
+@dataclass
+class Service:
+    """How to start one child, as often as it dies."""
+
+    name: str
+    argv: list[str]
+    redis_url: str | None = None  # a redis-server, which prints no ready line: ready once it answers PING
+
+
 @dataclass
 class Child:
+    """One run of a service's process; a restart is a new Child."""
+
     name: str
     proc: subprocess.Popen
+    started: float = field(default_factory=time.monotonic)
     address: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
-    reported: bool = False  # its exit was logged
 
     def pump_output(self) -> None:
         """Echoes the child's stdout with its name, and catches its ready line."""
@@ -42,7 +66,6 @@ class Child:
             match = READY.match(line.strip())
             if match and not self.ready.is_set():
                 self.address = match.group(2)
-                print(f"[{self.name}] ready on {self.address}", flush=True)
                 self.ready.set()
             else:
                 print(f"[{self.name}] {line}", end="", flush=True)
@@ -52,14 +75,30 @@ class Child:
         if not self.ready.wait(timeout_s):
             raise ClusterError(f"{self.name} did not become ready within {timeout_s:g}s")
         if self.address is None:
-            raise ClusterError(
-                f"{self.name} exited with code {self.proc.wait()} before it was ready (its log is above)"
-            )
+            raise self.exited_early()
         return self.address
+
+    def wait_redis(self, url: str, timeout_s: float) -> str:
+        """Ready once it answers PING, which it does only after replaying its AOF."""
+        deadline = time.monotonic() + timeout_s
+        with redis.Redis.from_url(url, socket_timeout=1) as client:
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise self.exited_early()
+                try:
+                    client.ping()
+                    self.address = url
+                    return url
+                except (redis.ConnectionError, redis.TimeoutError):  # BusyLoadingError (AOF replay) is one too
+                    time.sleep(0.05)
+        raise ClusterError(f"{self.name} did not answer PING within {timeout_s:g}s")
+
+    def exited_early(self) -> ClusterError:
+        return ClusterError(f"{self.name} exited with code {self.proc.wait()} before it was ready (its log is above)")
 
 
 def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 def _free_port(host: str) -> int:
@@ -68,69 +107,102 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-class Cluster:
-    def __init__(self, host: str):
-        self.host = host
-        self.children: list[Child] = []
+def _service(name: str, role: str, flags: dict[str, object]) -> Service:
+    argv = [sys.executable, "-m", "moemesh.cli", role]
+    for flag, value in flags.items():
+        if value is not None:
+            argv += [f"--{flag}", str(value)]
+    return Service(name, argv)
 
-    def spawn(self, name: str, argv: list[str]) -> Child:
+
+def _redis_service(host: str, data_dir: Path) -> Service:
+    """A redis-server on a fixed port whose AOF (fsynced at every write, so nothing acknowledged is lost to
+    a kill -9) lives in `data_dir`: a restart comes back at the same URL with the same data."""
+    port = _free_port(host)
+    argv = ["redis-server", "--bind", host, "--port", str(port), "--dir", str(data_dir), "--appendonly", "yes",
+            "--appendfsync", "always", "--save", "", "--protected-mode", "no"]  # fmt: skip
+    return Service("redis", argv, redis_url=f"redis://{host}:{port}/0")
+
+
+class Cluster:
+    """The children of `moemesh up`: starts them, restarts the supervised ones, stops them all."""
+
+    def __init__(self):
+        self.stopping = threading.Event()
+        self._lock = threading.Lock()  # no child starts once stop() has taken the list of children
+        self._children: dict[str, Child] = {}  # the current run of each service, in start order
+
+    def spawn(self, service: Service) -> Child:
         # Services take turns on the same cores (the gateway waits while the experts compute): OpenMP
         # threads that spin while idle would steal the cores the other services need.
         env = {"OMP_WAIT_POLICY": "PASSIVE"} | dict(os.environ)
-        proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1, env=env,
-            preexec_fn=_die_with_parent,
-        )  # fmt: skip
-        child = Child(name, proc)
-        threading.Thread(target=child.pump_output, name=f"out-{name}", daemon=True).start()
-        self.children.append(child)
+        with self._lock:
+            if self.stopping.is_set():
+                raise Stopping
+            proc = subprocess.Popen(
+                service.argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1, env=env,
+                preexec_fn=_die_with_parent,
+            )  # fmt: skip
+            child = self._children[service.name] = Child(service.name, proc)
+        threading.Thread(target=child.pump_output, name=f"out-{service.name}", daemon=True).start()
         return child
 
-    def service(self, name: str, role: str, flags: dict[str, object]) -> Child:
-        argv = [sys.executable, "-m", "moemesh.cli", role]
-        for flag, value in flags.items():
-            if value is not None:
-                argv += [f"--{flag}", str(value)]
-        return self.spawn(name, argv)
-
-    def start_redis(self, data_dir: Path) -> str:
-        port = _free_port(self.host)
-        argv = ["redis-server", "--bind", self.host, "--port", str(port), "--dir", str(data_dir),
-                "--appendonly", "yes", "--save", "", "--protected-mode", "no"]  # fmt: skip
+    def wait_ready(self, service: Service, child: Child, timeout_s: float = START_TIMEOUT_S) -> None:
         try:
-            child = self.spawn("redis", argv)
-        except FileNotFoundError:
-            raise ClusterError("redis-server not found: run `make install` or pass --redis URL") from None
-        url = f"redis://{self.host}:{port}/0"
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if child.proc.poll() is not None:
-                raise ClusterError(f"redis-server exited with code {child.proc.returncode} (its log is above)")
-            try:
-                redis.Redis.from_url(url, socket_timeout=1).ping()
-                return url
-            except redis.ConnectionError:
-                time.sleep(0.05)
-        raise ClusterError("redis-server did not answer PING within 30s")
+            if service.redis_url:
+                child.wait_redis(service.redis_url, timeout_s)
+            else:
+                child.wait_ready(timeout_s)
+        except ClusterError:
+            if self.stopping.is_set():  # Ctrl-C reaches the children too: their exit is no failure
+                raise Stopping from None
+            raise
+        print(f"[{service.name}] ready on {child.address}", flush=True)
 
-    def first_dead(self) -> Child | None:
-        """The first essential child that exited. An expert replica is not essential: the router
-        moves its traffic to the other replicas of its shard, and a replacement can join any time."""
-        for child in self.children:
-            if child.proc.poll() is None or child.reported:
-                continue
-            if not child.name.startswith("expert-"):
-                return child
-            print(f"[{child.name}] exited with code {child.proc.returncode}", flush=True)
-            child.reported = True
-        return None
+    def start(self, service: Service) -> Child:
+        child = self.spawn(service)
+        self.wait_ready(service, child)
+        return child
+
+    def supervise(self, service: Service) -> None:
+        """Restarts `service` whenever it dies, until the cluster stops, from a thread of its own that lives
+        as long: PR_SET_PDEATHSIG fires when the *thread* that forked a child ends, not the process."""
+        child = self._children[service.name]
+        threading.Thread(
+            target=self._keep_alive, args=(service, child), name=f"supervise-{service.name}", daemon=True
+        ).start()
+
+    def _keep_alive(self, service: Service, child: Child) -> None:
+        backoff = BACKOFF_MIN_S
+        while True:
+            code = child.proc.wait()
+            if self.stopping.is_set():
+                return
+            if time.monotonic() - child.started >= STABLE_S:
+                backoff = BACKOFF_MIN_S
+            print(f"[{service.name}] exited with code {code}; restarting", flush=True)
+            if self.stopping.wait(backoff):
+                return
+            backoff = min(2 * backoff, BACKOFF_MAX_S)
+            try:
+                child = self.spawn(service)
+                self.wait_ready(service, child)
+            except Stopping:
+                return
+            except (ClusterError, OSError) as exc:  # it died, hung or could not start: the next turn retries
+                print(f"[{service.name}] {exc}", flush=True)
+                child.proc.kill()
 
     def stop(self, grace_s: float = 15.0) -> None:
-        for child in reversed(self.children):
+        """Stops every child, the last started first; none starts or restarts after this."""
+        with self._lock:
+            self.stopping.set()
+            children = list(self._children.values())
+        for child in reversed(children):
             if child.proc.poll() is None:
                 child.proc.terminate()
         deadline = time.monotonic() + grace_s
-        for child in self.children:
+        for child in children:
             try:
                 child.proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -145,6 +217,7 @@ class ClusterSpec:
     model: Path
     experts: int = 2
     replicas: int = 1
+    routers: int = 1
     host: str = "127.0.0.1"
     port: int = 50051
     redis_url: str | None = None
@@ -153,42 +226,74 @@ class ClusterSpec:
     quantize: str = "none"
 
 
-def up(spec: ClusterSpec) -> int:
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+def _start_group(cluster: Cluster, services: list[Service]) -> list[Child]:
+    """Starts the services side by side and waits until every one is ready."""
+    children = [cluster.spawn(s) for s in services]
+    for service, child in zip(services, children):
+        cluster.wait_ready(service, child)
+    return children
+
+
+def _start(cluster: Cluster, spec: ClusterSpec, redis_dir: Path) -> tuple[Child, list[Service]]:
+    """Starts every child in dependency order; returns the gateway and the services to supervise."""
     common = {"model": spec.model, "host": spec.host, "dtype": spec.dtype, "wire-dtype": spec.wire_dtype}
-    expert_flags = common | {"port": 0, "quantize": spec.quantize}
-    cluster = Cluster(spec.host)
+    supervised = []
+    redis_url = spec.redis_url
+    if not redis_url:
+        service = _redis_service(spec.host, redis_dir)
+        try:
+            redis_url = cluster.start(service).address
+        except FileNotFoundError:
+            raise ClusterError("redis-server not found: run `make install` or pass --redis URL") from None
+        supervised.append(service)
+    expert_flags = common | {"port": 0, "quantize": spec.quantize, "registry": redis_url}
+    experts = [
+        _service(f"expert-{i}.{r}", "expert", expert_flags | {"shard": f"{i}/{spec.experts}"})
+        for i in range(spec.experts)
+        for r in range(spec.replicas)
+    ]
+    _start_group(cluster, experts)
+    router_flags = common | {"registry": redis_url, "metrics-port": 0}
+    # A fixed port each, so that a restarted router comes back where the gateway looks for it.
+    routers = [
+        _service(f"router-{i}", "router", router_flags | {"port": _free_port(spec.host)}) for i in range(spec.routers)
+    ]
+    router_addresses = ",".join(child.address for child in _start_group(cluster, routers))
+    gateway_flags = {"router": router_addresses, "redis": redis_url, "port": spec.port, "metrics-port": 0}
+    gateway = cluster.start(_service("gateway", "gateway", common | gateway_flags))
+    return gateway, supervised + experts + routers
+
+
+def _stop_on_signals(stopping: threading.Event) -> None:
+    """SIGINT/SIGTERM set `stopping`, from a thread: a Python signal handler runs in the main thread between
+    any two bytecodes, and one that took a lock (Event.set does) could wait forever on the main thread."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd)  # the interpreter writes each signal's number here
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
+
+    def watch() -> None:
+        os.read(read_fd, 1)
+        stopping.set()
+
+    threading.Thread(target=watch, name="signals", daemon=True).start()
+
+
+def up(spec: ClusterSpec) -> int:
+    cluster = Cluster()
+    _stop_on_signals(cluster.stopping)
     with tempfile.TemporaryDirectory(prefix="moemesh-redis-") as redis_dir:
         try:
-            redis_url = spec.redis_url
-            if not redis_url:
-                redis_url = cluster.start_redis(Path(redis_dir))
-                print(f"[redis] ready on {redis_url}", flush=True)
-            shards = [
-                cluster.service(
-                    f"expert-{i}.{r}",
-                    "expert",
-                    expert_flags | {"shard": f"{i}/{spec.experts}", "registry": redis_url},
-                )
-                for i in range(spec.experts)
-                for r in range(spec.replicas)
-            ]
-            for child in shards:
-                child.wait_ready(START_TIMEOUT_S)
-            router = cluster.service("router", "router", common | {"registry": redis_url, "port": 0, "metrics-port": 0})
-            router_address = router.wait_ready(START_TIMEOUT_S)
-            gateway = cluster.service(
-                "gateway",
-                "gateway",
-                common | {"router": router_address, "redis": redis_url, "port": spec.port, "metrics-port": 0},
-            )
-            print(f"gateway listening on {gateway.wait_ready(START_TIMEOUT_S)}", flush=True)
-            while not stop.wait(0.5):
-                dead = cluster.first_dead()
-                if dead is not None:
-                    raise ClusterError(f"{dead.name} exited with code {dead.proc.returncode}; stopping the cluster")
+            gateway, supervised = _start(cluster, spec, Path(redis_dir))
+            print(f"gateway listening on {gateway.address}", flush=True)
+            for service in supervised:
+                cluster.supervise(service)
+            while not cluster.stopping.wait(0.5):
+                if gateway.proc.poll() is not None:
+                    raise ClusterError(f"gateway exited with code {gateway.proc.returncode}; stopping the cluster")
+            return 0
+        except Stopping:  # SIGINT/SIGTERM while starting
             return 0
         except ClusterError as exc:
             print(f"moemesh up: {exc}", file=sys.stderr, flush=True)

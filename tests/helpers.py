@@ -70,7 +70,8 @@ class UpProcess:
         )  # fmt: skip
         self.lines: list[str] = []
         self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self) -> None:
         for line in self.proc.stdout:
@@ -80,12 +81,13 @@ class UpProcess:
         with self._changed:
             self._changed.notify_all()
 
-    def wait_for(self, pattern: str, timeout_s: float = 240) -> re.Match:
+    def wait_for(self, pattern: str, timeout_s: float = 240, after: int = 0) -> re.Match:
+        """The first line matching `pattern` among `lines[after:]` (`after=len(lines)`: only new ones)."""
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout_s
         with self._changed:
             while True:
-                for line in self.lines:
+                for line in self.lines[after:]:
                     if match := regex.search(line):
                         return match
                 left = deadline - time.monotonic()
@@ -94,9 +96,12 @@ class UpProcess:
                 self._changed.wait(min(left, 1.0))
 
     def stop(self, timeout_s: float = 60) -> int:
+        """SIGTERM; the exit code, once `lines` holds everything it and its children printed."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout_s)
+        code = self.proc.wait(timeout_s)
+        self._reader.join(timeout_s)
+        return code
 
     def group_alive(self) -> bool:
         try:
@@ -113,15 +118,31 @@ class Cluster:
         self.model_dir = model_dir
         self.up = UpProcess(model_dir, *args)
         self.address = self.up.wait_for(r"^gateway listening on (\S+)").group(1)
-        self.router = self.up.wait_for(r"^\[router\] ready on (\S+)").group(1)
-        ready = [re.match(r"^\[expert-([\d.]+)\] ready on (\S+)", line) for line in self.up.lines]
-        self.experts = [address for _, address in sorted(m.groups() for m in ready if m)]  # by shard.replica
+        self.experts = self._ready_addresses("expert")  # by shard.replica
+        self.routers = self._ready_addresses("router")
+        self.router = self.routers[0]
         self.metrics = self.up.wait_for(r"gateway metrics on (\S+)").group(1)
-        self.router_metrics = self.up.wait_for(r"router metrics on (\S+)").group(1)
+        self.router_metrics = self.up.wait_for(r"^\[router-0\] router metrics on (\S+)").group(1)
         redis_line = [m for line in self.up.lines if (m := re.match(r"^\[redis\] ready on (\S+)", line))]
         self.redis = redis_line[0].group(1) if redis_line else None
         self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
+
+    def _ready_addresses(self, role: str) -> list[str]:
+        """The first ready address of each `[<role>-<index>]` child, by index (`expert-1.0`: shard 1, replica 0)."""
+        first: dict[tuple[int, ...], str] = {}
+        for line in self.up.lines:
+            if match := re.match(rf"^\[{role}-([\d.]+)\] ready on (\S+)", line):
+                first.setdefault(tuple(map(int, match.group(1).split("."))), match.group(2))
+        return [first[index] for index in sorted(first)]
+
+    def child_pids(self, pattern: str) -> list[int]:
+        """The children of `moemesh up` whose command line matches `pattern`."""
+        out = subprocess.run(
+            ["ps", "-ww", "-o", "pid=,args=", "--ppid", str(self.up.proc.pid)], capture_output=True, text=True
+        )
+        return [int(pid) for pid, args in (line.split(maxsplit=1) for line in out.stdout.splitlines())
+                if re.search(pattern, args)]  # fmt: skip
 
     def expert_pids(self) -> dict[str, int]:
         """Expert replica processes by their `--shard` spec and order: {"0/2#0": pid, ...}."""
@@ -222,7 +243,10 @@ class ServiceProcess:
     def __init__(self, role: str, model_dir: Path, *args: str):
         argv = [sys.executable, "-m", "moemesh.cli", role, "--model", str(model_dir), "--port", "0",
                 "--dtype", "float32", *args]  # fmt: skip
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        env = {"OMP_WAIT_POLICY": "PASSIVE"} | dict(os.environ)  # as `moemesh up` runs its services
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
+        )  # fmt: skip
         for line in self.proc.stdout:
             if match := re.match(rf"^{role} listening on (\S+)", line):
                 self.address = match.group(1)

@@ -1,17 +1,21 @@
 """Multi-turn conversations: a session's history in Redis, its KV cache reused on any gateway replica."""
 
+import time
 from collections.abc import Callable, Iterator
 
-from moemesh.errors import InvalidArgument, NotFound, ResourceExhausted
+from moemesh.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from moemesh.model import KVCache
 from moemesh.v1 import gateway_pb2
 from services.gateway import requests
 from services.gateway.chat_template import ChatTemplate
 from services.gateway.engine import Engine
 from services.gateway.kv_store import KVStore
 from services.gateway.requests import StepOutput
-from services.gateway.sessions import SessionState, SessionStore
+from services.gateway.sessions import SessionState, SessionStore, TurnLock
 
 ROLES = ("system", "user", "assistant")
+# Pauses between the attempts to save a finished turn while Redis is unreachable: 4 attempts over ~3 s.
+SAVE_PAUSES_S = (0.25, 0.75, 2.0)
 
 
 class Conversations:
@@ -37,13 +41,16 @@ class Conversations:
         on_cancel: Callable[[Callable[[], None]], object],
         deadline: float | None = None,
     ) -> Iterator[StepOutput]:
-        """Streams the reply to `messages`; the session is saved only when the turn completes."""
+        """Streams the reply to `messages`; the session is saved only when the turn completes.
+
+        If the finished turn cannot be saved, the client still gets the whole reply, then the error.
+        """
         if self.template is None or self.engine.text is None:
             raise InvalidArgument("messages: this model has no chat template; use Generate")
         new_messages = _check_messages(messages)
         new_session = not session_id
         session_id = session_id or self.store.new_id()
-        with self.store.turn_lock(session_id):
+        with self.store.turn_lock(session_id) as lock:
             state = SessionState(session_id, owner) if new_session else self.store.load(session_id, owner)
             if state.turns >= self.max_turns:
                 raise ResourceExhausted(
@@ -68,9 +75,39 @@ class Conversations:
                     state.messages = history + [{"role": "assistant", "content": "".join(reply)}]
                     state.token_ids = prompt + seq.output_ids
                     state.turns += 1
-                    self.kv.save(session_id, seq.cache, state.token_ids, cached)
-                    self.store.save(state)
+                    try:
+                        self._save_turn(lock, state, seq.cache, cached)
+                    except (Unavailable, Aborted) as exc:
+                        yield output
+                        raise type(exc)(
+                            f"the reply is complete but the turn was not saved ({exc}); "
+                            "the next turn continues from the last saved turn"
+                        ) from None
                 yield output
+
+    def _save_turn(self, lock: TurnLock, state: SessionState, cache: KVCache, cached: int) -> None:
+        """Saves the KV chunks, then the session, retrying while Redis is unreachable.
+
+        The chunks are only a cache: when they cannot be written but the session can, the turn is
+        saved without them (the next turn recomputes what it misses). A lost lock is final.
+        """
+        kv_saved = False
+        for pause in (*SAVE_PAUSES_S, None):
+            try:
+                kv_saved = kv_saved or self._save_kv(state, cache, cached)
+                self.store.save(state, lock)
+                return
+            except Unavailable:
+                if pause is None:
+                    raise
+                time.sleep(pause)
+
+    def _save_kv(self, state: SessionState, cache: KVCache, cached: int) -> bool:
+        try:
+            self.kv.save(state.id, cache, state.token_ids, cached)
+            return True
+        except Unavailable:
+            return False
 
     def get(self, session_id: str, owner: str) -> gateway_pb2.Session:
         state = self.store.load(session_id, owner)

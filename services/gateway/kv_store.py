@@ -6,23 +6,58 @@ and, written after it in the same pipeline, its metadata (`...:meta`: model tag,
 token ids, byte count, CRC-32). A chunk is used only if all of that matches the new prompt; anything
 missing, stale or corrupt ends the reusable prefix there and the engine recomputes the rest, so the
 output never differs from a full recompute. For sliding-window models only the chunks the next query
-can still see are stored and loaded.
+can still see are stored and loaded. Loading never fails a turn: chunks come LOAD_BATCH_CHUNKS per
+round trip within a time budget, and a Redis error, a timeout or the budget running out end the
+reusable prefix at what has arrived.
 """
 
 import json
+import logging
 import math
+import time
 import zlib
+from collections.abc import Callable
+from functools import partial
 
 import redis
 import torch
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from moemesh.model import KVCache
 from services.gateway.sessions import redis_errors, session_key
 
+log = logging.getLogger(__name__)
+
+LOAD_BATCH_CHUNKS = 8  # chunks per MGET when loading
+LOAD_BUDGET_S = 2.0  # time a turn may spend loading its KV cache; what has not arrived by then is recomputed
+
+Chunk = tuple[bytes | None, bytes | None]  # data and metadata, None where missing
+
+
+def load_client(url: str, budget_s: float = LOAD_BUDGET_S) -> redis.Redis:
+    """A client for KV loads: no retries and timeouts of the load budget, so a slow or hung Redis costs a
+    turn about the budget, then it recomputes."""
+    return redis.Redis.from_url(
+        url, socket_timeout=budget_s, socket_connect_timeout=budget_s, retry=Retry(NoBackoff(), 0)
+    )
+
 
 class KVStore:
-    def __init__(self, client: redis.Redis, model_tag: str, chunk_tokens: int, ttl_s: int, window: int | None):
-        self.redis, self.model_tag, self.chunk, self.ttl_s, self.window = client, model_tag, chunk_tokens, ttl_s, window
+    """Saves through `client`; loads through `loads`, from `load_client`."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        loads: redis.Redis,
+        model_tag: str,
+        chunk_tokens: int,
+        ttl_s: int,
+        window: int | None,
+        load_budget_s: float = LOAD_BUDGET_S,
+    ):
+        self.redis, self.loads, self.model_tag, self.ttl_s, self.window = client, loads, model_tag, ttl_s, window
+        self.chunk, self.load_budget_s = chunk_tokens, load_budget_s
 
     def keys(self, session_id: str, num_tokens: int) -> list[str]:
         return [k for j in range(math.ceil(num_tokens / self.chunk) + 1) for k in self._keys(session_id, j)]
@@ -51,22 +86,19 @@ class KVStore:
                     pipe.expire(key, self.ttl_s)
             pipe.execute()
 
-    @redis_errors
     def load(self, session_id: str, prompt: list[int], stored_tokens: list[int], cache: KVCache) -> int:
         """Fills `cache` with the longest valid stored prefix of `prompt`; returns its length in tokens."""
         # The prompt's last token is always computed; the stored sequence's last token never was.
         end = min(_common_prefix(prompt, stored_tokens), len(prompt) - 1, len(stored_tokens) - 1)
-        fetched: dict[int, tuple[bytes | None, bytes | None]] = {}
+        chunks = _ChunkFetcher(
+            self.loads, partial(self._keys, session_id), math.ceil(end / self.chunk), self.load_budget_s
+        )
         while end > 0:
             needed = range(self._first_visible(end), math.ceil(end / self.chunk))
-            missing = [j for j in needed if j not in fetched]
-            if missing:
-                values = self.redis.mget([k for j in missing for k in self._keys(session_id, j)])
-                fetched |= {j: (values[2 * i], values[2 * i + 1]) for i, j in enumerate(missing)}
-            bad = next((j for j in needed if not self._valid(*fetched[j], prompt, j, end, cache)), None)
+            bad = next((j for j in needed if not self._valid(*chunks.get(j), prompt, j, end, cache)), None)
             if bad is None:
                 for j in needed:
-                    self._fill(cache, j, end, fetched[j])
+                    self._fill(cache, j, end, chunks.get(j))
                 cache.length = end
                 return end
             end = bad * self.chunk
@@ -100,7 +132,7 @@ class KVStore:
             and m.get("crc32") == zlib.crc32(data)
         )
 
-    def _fill(self, cache: KVCache, j: int, end: int, chunk: tuple[bytes, bytes]) -> None:
+    def _fill(self, cache: KVCache, j: int, end: int, chunk: Chunk) -> None:
         data, meta = chunk
         stored = len(json.loads(meta)["tokens"])
         start = j * self.chunk
@@ -113,6 +145,40 @@ class KVStore:
                 rows = raw[offset : offset + n].view(t.dtype).view(stored, *t.shape[1:])
                 t[start : start + used] = rows[:used]
                 offset += n
+
+
+class _ChunkFetcher:
+    """One load's chunks, fetched on first use LOAD_BATCH_CHUNKS at a time within the load budget.
+
+    After a Redis error, or once the budget is spent, nothing more is fetched: the chunks not yet
+    fetched read as missing, which ends the reusable prefix before them.
+    """
+
+    def __init__(self, client: redis.Redis, keys: Callable[[int], tuple[str, str]], count: int, budget_s: float):
+        self.client, self.keys, self.count = client, keys, count
+        self.deadline = time.monotonic() + budget_s
+        self.fetched: dict[int, Chunk] = {}
+        self.stopped = False
+
+    def get(self, j: int) -> Chunk:
+        if j not in self.fetched and not self.stopped:
+            self._fetch([k for k in range(j, min(j + LOAD_BATCH_CHUNKS, self.count)) if k not in self.fetched])
+        return self.fetched.get(j, (None, None))
+
+    def _fetch(self, batch: list[int]) -> None:
+        if time.monotonic() >= self.deadline:
+            self._stop(batch[0], "out of time")
+            return
+        try:
+            values = self.client.mget([key for j in batch for key in self.keys(j)])
+        except redis.RedisError as exc:
+            self._stop(batch[0], str(exc))
+            return
+        self.fetched |= {j: (values[2 * i], values[2 * i + 1]) for i, j in enumerate(batch)}
+
+    def _stop(self, j: int, why: str) -> None:
+        log.warning("KV load stopped at %s (%s); the rest is recomputed", self.keys(j)[0], why)
+        self.stopped = True
 
 
 def _rows_bytes(t: torch.Tensor, rows: range) -> bytes:

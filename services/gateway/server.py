@@ -3,6 +3,8 @@
 import redis
 import torch
 from grpc_reflection.v1alpha import reflection
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from moemesh.checkpoint import Checkpoint
 from moemesh.model import DenseModel, RoutedExperts, load_experts, load_gates
@@ -14,7 +16,7 @@ from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.chat import Conversations
 from services.gateway.chat_template import ChatTemplate, eos_token_ids
 from services.gateway.engine import Engine, EngineConfig
-from services.gateway.kv_store import KVStore
+from services.gateway.kv_store import KVStore, load_client
 from services.gateway.requests import Limits
 from services.gateway.router_client import RouterClient
 from services.gateway.servicer import GatewayServicer
@@ -31,7 +33,9 @@ def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
     if settings.router:
         routers = settings.router.split(",")
         RouterClient.wait_ready(routers, settings.router_timeout_s)
-        routed = RouterClient(routers, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s)
+        routed = RouterClient(
+            routers, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s, settings.hedge_floor_s
+        )
     else:
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
@@ -46,15 +50,19 @@ def conversations(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, l
     """Sessions in Redis, when a Redis URL is configured (connections open lazily, and reopen)."""
     if not settings.redis:
         return None
-    client = redis.Redis.from_url(settings.redis, socket_timeout=5, socket_connect_timeout=2)
+    # One immediate retry (a connection Redis dropped); waiting for Redis to come back is up to the
+    # callers (a finished turn's save retries), so a hung Redis costs a call seconds, not a minute.
+    client = redis.Redis.from_url(
+        settings.redis, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1)
+    )
     cfg = ckpt.config
     tag = f"{ckpt.fingerprint}:{str(engine.dtype).removeprefix('torch.')}"
     windows = {cfg.window(layer) for layer in range(cfg.num_layers)}
     window = None if None in windows else max(windows)  # a layer without a window sees every position
     return Conversations(
         engine,
-        SessionStore(client, settings.session_ttl_s),
-        KVStore(client, tag, settings.kv_chunk_tokens, settings.session_ttl_s, window),
+        SessionStore(client, settings.session_ttl_s, settings.session_lock_ttl_s),
+        KVStore(client, load_client(settings.redis), tag, settings.kv_chunk_tokens, settings.session_ttl_s, window),
         ChatTemplate.from_dir(settings.model),
         limits,
         settings.max_session_turns,

@@ -9,6 +9,7 @@ that failed is skipped for a while unless it is the only holder.
 
 import logging
 import threading
+import time
 
 import grpc
 import redis
@@ -110,10 +111,24 @@ class Placement:
 
 
 class Discovery:
-    """Polls the registry and keeps the placement equal to the announced replicas of this model."""
+    """Polls the registry and keeps the placement equal to the announced replicas of this model.
 
-    def __init__(self, placement: Placement, client: redis.Redis, static: list[str], interval_s: float = 0.5):
+    A replica leaves the table once its announcement has been absent from `absent_grace_s` of
+    successful polls, not at the first: a Redis that restarted (announcements expired while it was
+    down) is announced to again within a heartbeat, and its replicas must not vanish meanwhile.
+    """
+
+    def __init__(
+        self,
+        placement: Placement,
+        client: redis.Redis,
+        static: list[str],
+        interval_s: float = 0.5,
+        absent_grace_s: float = 2.0,
+    ):
         self.placement, self.client, self.static, self.interval_s = placement, client, set(static), interval_s
+        self.absent_grace_s = absent_grace_s
+        self._absent_since: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, name="discovery", daemon=True)
 
@@ -130,10 +145,16 @@ class Discovery:
         except redis.RedisError as exc:  # keep the table as it is until Redis answers again
             log.warning("registry unavailable: %s", exc)
             return
+        now = time.monotonic()
         for address in live:
+            self._absent_since.pop(address, None)
             self.placement.add(address)
         for replica in self.placement.replicas():
-            if replica.address not in live and replica.address not in self.static:
+            if replica.address in live or replica.address in self.static:
+                continue
+            since = self._absent_since.setdefault(replica.address, now)
+            if now - since >= self.absent_grace_s:
+                del self._absent_since[replica.address]
                 self.placement.remove(replica.address)
 
     def _poll(self) -> None:
