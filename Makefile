@@ -1,7 +1,7 @@
 PYTHON := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install protos test demo bench bench-sessions clean
+.PHONY: install protos test demo bench bench-sessions soak clean
 
 install: protos
 	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
@@ -32,3 +32,7 @@ bench-sessions: install
 
 clean:
 	rm -rf moemesh/v1
+
+# The chaos soak of the test suite for 30 minutes; its summary is appended to docs/reliability.md.
+soak: install
+	MOEMESH_CHAOS_S=1800 MOEMESH_CHAOS_REPORT=docs/reliability.md $(PYTHON) -m pytest -q -s -p no:cacheprovider tests/test_chaos.py

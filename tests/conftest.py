@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Cluster, make_mixtral
+from tests.helpers import Cluster, RedisServer, make_mixtral
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +19,14 @@ def mixtral_window_dir(tmp_path_factory) -> Path:
     return make_mixtral(
         tmp_path_factory.mktemp("mixtral-window"), seed=1, sliding_window=8, num_hidden_layers=3, num_local_experts=6
     )
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory) -> RedisServer:
+    """A real redis-server (AOF, fsync always) of the test module's own, in a fresh directory."""
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield server
+    server.kill()
 
 
 @pytest.fixture(scope="session")

@@ -8,18 +8,11 @@ from moemesh.settings import GatewaySettings
 from services.gateway.requests import GenerationRequest, Limits, SamplingConfig, merge
 from services.gateway.server import build_engine, conversations
 from tests.family_checkpoints import deepseek_v3
-from tests.helpers import DEEPSEEK_VOCAB, RedisServer, make_mixtral
+from tests.helpers import DEEPSEEK_VOCAB, make_mixtral
 
 pytestmark = pytest.mark.integration
 
 SYSTEM = "Answer briefly and politely. " * 20
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()
 
 
 def window_model(path):

@@ -11,19 +11,12 @@ from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.chat_template import ChatTemplate
 from services.gateway.requests import GenerationRequest, SamplingConfig, merge
 from services.gateway.server import build_engine
-from tests.helpers import Cluster, GatewayProcess, RedisServer
+from tests.helpers import Cluster, GatewayProcess
 
 pytestmark = pytest.mark.integration
 
 NEW_TOKENS = 10
 SYSTEM = "You are a helpful customer-service agent for a bicycle shop. " * 12  # ~150 tokens: several KV chunks
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()
 
 
 @pytest.fixture(scope="module")

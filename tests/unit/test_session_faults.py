@@ -19,7 +19,6 @@ from services.gateway.kv_store import load_client
 from services.gateway.requests import GenerationRequest, Limits, SamplingConfig, StepOutput, merge
 from services.gateway.server import build_engine, conversations
 from services.gateway.sessions import SessionStore, lock_key
-from tests.helpers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -28,13 +27,6 @@ CHUNK = 4  # tokens per KV chunk: the first turn's ~150 tokens make ~40 chunks, 
 FIRST = [("system", "You are a helpful agent for a bicycle shop. " * 12), ("user", "My chain keeps slipping.")]
 SECOND = ("user", "What should I check first?")
 NOT_SAVED = "the reply is complete but the turn was not saved"
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import pytest
 
 from moemesh.errors import Aborted
 from services.gateway.sessions import SessionState, SessionStore, lock_key
-from tests.helpers import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(60)]
 
@@ -23,13 +22,6 @@ with store.turn_lock(sys.argv[2]):
     print("held", flush=True)
     time.sleep(600)
 """
-
-
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    yield server
-    server.kill()
 
 
 @pytest.fixture
