@@ -35,6 +35,10 @@ class Unavailable(MoemeshError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class PeerUnreachable(Unavailable):
+    """A peer's stream broke (it died, hung past keepalive, or ended the stream): its calls may be resent."""
+
+
 class DeadlineExceeded(MoemeshError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 

@@ -8,9 +8,12 @@ that is longer (a hung peer's cost grows by itself). A call goes to a peer drawn
 trickle keeps its latency known so it wins its traffic back once it recovers. A peer that failed is
 skipped for a backoff that doubles with each consecutive failure.
 
-`HedgedCall` sends a call's parts, resends the parts of a peer that fails to another peer, and
-hedges the parts of a peer that has not answered within its budget (3 x its recent p99, with a
-floor) to another peer, taking whichever answer comes first.
+`HedgedCall` sends a call's parts, resends the parts of a peer that is unreachable (its stream broke)
+to another peer, and hedges the parts of a peer that has not answered within its budget (3 x its
+recent p99, with a floor) to another peer, taking whichever answer comes first. An error a peer
+answered with (a per-call status) is the call's answer and is not resent. When every peer of a part
+was unreachable, they are all tried again after short pauses: a restarted peer takes a moment to be
+reached again.
 """
 
 import logging
@@ -24,7 +27,7 @@ from concurrent import futures
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from moemesh.errors import DeadlineExceeded, Unavailable
+from moemesh.errors import DeadlineExceeded, PeerUnreachable, Unavailable
 from moemesh.rpc import StreamClient
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ BACKOFF_MAX_S = 30.0
 BUDGET_P99_FACTOR = 3.0
 ROWS_PER_UNIT = 32  # latencies are kept per (1 + rows / ROWS_PER_UNIT), so big calls get longer budgets
 MIN_SAMPLES = 8  # until then, a call's budget is `initial_budget_s`
-FAILURES = (Unavailable, DeadlineExceeded)  # what a peer that died, hung or was cut off answers
+RETRY_PAUSES_S = (0.25, 0.5, 1.0)  # before trying every peer of a part again, once all were unreachable
 
 
 class LatencyStats:
@@ -118,7 +121,7 @@ class Peer:
             if error is None:
                 self.latency.observe(time.monotonic() - started, rows)
                 self.failures = 0
-            elif isinstance(error, FAILURES):
+            elif isinstance(error, PeerUnreachable):
                 self.failures += 1
                 self.failed_at = time.monotonic()
 
@@ -165,6 +168,7 @@ class HedgedCall:
         self.todo = set(range(num_parts))
         self.tried: dict[int, set[Peer]] = {i: set() for i in range(num_parts)}
         self.pending = {a.future: a for a in send(sorted(self.todo), self.tried)}  # in flight from here on
+        self._pauses = list(RETRY_PAUSES_S)  # this call's rounds of trying every peer again
 
     def answers(self) -> Iterator[tuple[Attempt, Any, set[int]]]:
         """Yields (attempt, response, parts it answered first) until every part has an answer."""
@@ -179,8 +183,8 @@ class HedgedCall:
                 attempt = self.pending.pop(future)
                 try:
                     response = future.result()
-                except FAILURES as exc:
-                    log.warning("%s failed on %s (%s); resending", self.what, attempt.peer.address, exc)
+                except PeerUnreachable as exc:
+                    log.warning("%s: %s unreachable (%s); resending", self.what, attempt.peer.address, exc)
                     self._resend(self._uncovered(attempt.parts), cause=exc)
                     continue
                 fresh = self.todo.intersection(attempt.parts)
@@ -196,22 +200,31 @@ class HedgedCall:
                 attempt.hedged = True
                 attempt.peer.mark_failed()  # slow or hung: treated as failed for new calls a while
                 log.warning("%s: %s did not answer in time; hedging", self.what, attempt.peer.address)
-                try:
-                    self._resend([i for i in attempt.parts if i in self.todo])
-                except Unavailable:
-                    pass  # no other peer for these parts: wait for this one
+                self._hedge([i for i in attempt.parts if i in self.todo])
 
     def _uncovered(self, parts: list[int]) -> list[int]:
         """Parts still without an answer and not in flight on another attempt."""
         in_flight = {i for a in self.pending.values() for i in a.parts}
         return [i for i in parts if i in self.todo and i not in in_flight]
 
-    def _resend(self, parts: list[int], cause: Exception | None = None) -> None:
-        """Sends `parts` to peers that have not had them; UNAVAILABLE (naming `cause`) when a part has none."""
+    def _hedge(self, parts: list[int]) -> None:
+        """Also sends `parts` to peers that have not had them, if there are any."""
+        try:
+            self.pending |= {a.future: a for a in self.send(parts, self.tried)}
+        except Unavailable:
+            pass  # no other peer: wait for the one we have
+
+    def _resend(self, parts: list[int], cause: PeerUnreachable) -> None:
+        """Sends `parts`, whose peer is unreachable, to peers that have not had them; when there are none,
+        to every peer again after a pause; UNAVAILABLE (naming `cause`) when that fails too."""
         if not parts:
             return
-        try:
-            attempts = self.send(parts, self.tried)
-        except Unavailable as exc:
-            raise Unavailable(f"{exc} (last failure: {cause})" if cause else str(exc)) from None
-        self.pending |= {a.future: a for a in attempts}
+        while True:
+            try:
+                self.pending |= {a.future: a for a in self.send(parts, self.tried)}
+                return
+            except Unavailable as exc:
+                if not self._pauses or time.monotonic() + self._pauses[0] >= self.deadline:
+                    raise Unavailable(f"{exc} (last failure: {cause})") from None
+            time.sleep(self._pauses.pop(0))
+            self.tried.update({i: set() for i in parts})

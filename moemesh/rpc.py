@@ -14,7 +14,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from moemesh.errors import InvalidArgument, MoemeshError, Unavailable, from_status, status_code
+from moemesh.errors import MoemeshError, PeerUnreachable, from_status, status_code
 from moemesh.v1 import call_pb2
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,10 @@ INTERNAL_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A restarted peer is reached again within a second, not after gRPC's default backoff (up to 2 min).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 # Servers accept those pings instead of answering them with GOAWAY (too_many_pings).
 SERVER_OPTIONS = CHANNEL_OPTIONS + [
@@ -127,8 +131,8 @@ class StreamClient:
 
     Requests carry a `request_id`; a reader thread resolves each caller's future from the matching
     response, or fails it alone when the response carries an error status. A broken stream (the
-    transport, or the server ending it) fails every pending call with UNAVAILABLE and is reopened on
-    next use.
+    transport, or the server ending it) fails every pending call with `PeerUnreachable` (UNAVAILABLE)
+    and is reopened on next use.
     """
 
     _CLOSE = object()
@@ -169,7 +173,7 @@ class _OpenStream:
         future: futures.Future = futures.Future()
         with self._lock:
             if self.broken:
-                future.set_exception(Unavailable(f"{self.target}: stream closed"))
+                future.set_exception(PeerUnreachable(f"{self.target}: stream closed"))
                 return future
             self._pending[request.request_id] = future
         self._requests.put(request)
@@ -180,7 +184,7 @@ class _OpenStream:
         self._responses.cancel()
 
     def _read(self) -> None:
-        error: MoemeshError = Unavailable(f"{self.target}: stream ended")
+        error: MoemeshError = PeerUnreachable(f"{self.target}: stream ended")
         try:
             for response in self._responses:
                 with self._lock:
@@ -192,8 +196,7 @@ class _OpenStream:
                 else:
                     future.set_result(response)
         except grpc.RpcError as exc:
-            kind = InvalidArgument if exc.code() == grpc.StatusCode.INVALID_ARGUMENT else Unavailable
-            error = kind(f"{self.target}: {exc.code().name}: {exc.details()}")
+            error = PeerUnreachable(f"{self.target}: {exc.code().name}: {exc.details()}")
         with self._lock:
             self.broken = True
             pending, self._pending = self._pending, {}

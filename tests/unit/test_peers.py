@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moemesh import codec
-from moemesh.errors import DeadlineExceeded, InvalidArgument, Unavailable
+from moemesh.errors import DeadlineExceeded, InvalidArgument, PeerUnreachable, Unavailable
 from moemesh.peers import Attempt, Chooser, HedgedCall, Peer
 from moemesh.rpc import StreamClient
 from moemesh.settings import ExpertSettings
@@ -65,7 +65,7 @@ def answer_of(call: HedgedCall):
 
 
 def test_a_failed_peer_is_resent_to_another_and_then_avoided():
-    dead = peer("dead", lambda r: Unavailable("stream ended"))
+    dead = peer("dead", lambda r: PeerUnreachable("stream ended"))
     alive = peer("alive", lambda r: f"answer to {r}")
     dead.latency.observe(0.0001, 1)  # looks 100x faster, so it is chosen first (all but surely)
     alive.latency.observe(0.01, 1)
@@ -93,10 +93,29 @@ def test_a_slow_only_peer_is_waited_for_not_failed():
     assert answer_of(one_part_call([slow])) == ["late answer"]
 
 
-def test_no_peer_left_raises_the_last_failure():
-    only = peer("only", lambda r: Unavailable("no live expert replica holds layer 1 expert 3"))
-    with pytest.raises(Unavailable, match="layer 1 expert 3"):
+def test_every_peer_unreachable_is_tried_again_then_unavailable():
+    only = peer("only", lambda r: PeerUnreachable("127.0.0.1:1: stream ended"))
+    began = time.monotonic()
+    with pytest.raises(Unavailable, match="none left .last failure: 127.0.0.1:1: stream ended"):
         answer_of(one_part_call([only]))
+    assert len(only.client.calls) == 4  # the first try and one after each pause
+    assert time.monotonic() - began >= 1.7
+
+
+def test_a_restarted_peer_is_reached_on_a_later_round():
+    outcomes = iter([PeerUnreachable("stream ended"), PeerUnreachable("stream ended"), "answer"])
+    restarting = peer("restarting", lambda r: next(outcomes))
+    assert answer_of(one_part_call([restarting])) == ["answer"]
+
+
+def test_an_error_a_peer_answered_with_is_not_resent():
+    refusing = peer("refusing", lambda r: Unavailable("no live expert replica holds layer 1 expert 3"))
+    other = peer("other", lambda r: "answer")
+    refusing.latency.observe(0.0001, 1)
+    other.latency.observe(0.01, 1)
+    with pytest.raises(Unavailable, match="layer 1 expert 3"):
+        answer_of(one_part_call([refusing, other]))
+    assert not other.client.calls and refusing.healthy(time.monotonic())
 
 
 def test_the_deadline_bounds_the_call():
