@@ -63,9 +63,10 @@ def redis_client(settings: GatewaySettings) -> redis.Redis | None:
 
 
 def conversations(
-    settings: GatewaySettings, client: redis.Redis | None, engine: Engine, ckpt: Checkpoint, limits: Limits
+    settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, limits: Limits, client: redis.Redis | None = None
 ) -> Conversations | None:
-    """Sessions in Redis, when a Redis URL is configured."""
+    """Sessions in Redis, when a Redis URL is configured (through `client`, or a client of their own)."""
+    client = client or redis_client(settings)
     if client is None:
         return None
     cfg = ckpt.config
@@ -117,7 +118,7 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     )  # fmt: skip
     client = redis_client(settings)
     servicer = GatewayServicer(
-        engine, conversations(settings, client, engine, ckpt, limits), limits, cfg, ckpt.dir.name,
+        engine, conversations(settings, engine, ckpt, limits, client), limits, cfg, ckpt.dir.name,
         Authenticator(key_store(settings, client)), Quotas(client, settings.session_ttl_s),
         settings.max_concurrent_requests,
     )  # fmt: skip
