@@ -59,6 +59,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--slots", type=int, help="experts per pool (default: experts / pools + 1)")
     plan.add_argument("--registry", default="redis://127.0.0.1:6379/0", help="printed in the commands")
 
+    keys = sub.add_parser("keys", help="manage the gateway's API keys (a key file, or Redis)")
+    keys.add_argument("action", choices=["add", "list", "revoke"])
+    keys.add_argument("id", nargs="?", help="the key's id (add, revoke)")
+    keys.add_argument("limits", nargs="*", help="add: field=value limits (requests_per_minute=60 allow_system=true)")
+    where = keys.add_mutually_exclusive_group(required=True)
+    where.add_argument("--file", type=Path, help="key file (what the gateway's --api-keys names)")
+    where.add_argument("--redis", help="Redis URL (for a gateway with --api-keys redis)")
+
     demo = sub.add_parser("build-demo-model", help="write the demo checkpoint")
     demo.add_argument("--out", type=Path)
     return parser
@@ -117,6 +125,10 @@ def _run(args: argparse.Namespace) -> int:
         slots = args.slots or cfg.num_experts // args.pools + 1
         print(report(balance(load_from_metrics(text), cfg.num_experts, args.pools, slots), args.model, args.registry))
         return 0
+    if args.command == "keys":
+        from moemesh.keys_cli import run_keys
+
+        return run_keys(args.action, args.id, args.limits, args.file, args.redis)
     if args.command == "build-demo-model":
         print(demo_model.build(args.out or demo_model.DEMO_DIR))
         return 0

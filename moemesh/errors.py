@@ -28,7 +28,17 @@ class Aborted(MoemeshError):
 
 
 class ResourceExhausted(MoemeshError):
+    """`retry_after_ms`, when known, also goes to the client as `retry-after-ms` trailing metadata."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_ms: int | None = None):
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+
+
+class Unauthenticated(MoemeshError):
+    code = grpc.StatusCode.UNAUTHENTICATED
 
 
 class Unavailable(MoemeshError):
@@ -47,6 +57,12 @@ class Cancelled(MoemeshError):
     code = grpc.StatusCode.CANCELLED
 
 
+class ConfigError(MoemeshError):
+    """A setting or file the service was started with cannot be used (a malformed key file)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 class CheckpointError(MoemeshError):
     """A checkpoint that cannot be served: missing or mis-shaped tensor, unsupported model type."""
 
@@ -55,7 +71,16 @@ class CheckpointError(MoemeshError):
 
 _BY_CODE: dict[grpc.StatusCode, type[MoemeshError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, NotFound, Aborted, ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled)
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        Aborted,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+        Unauthenticated,
+    )
 }
 
 

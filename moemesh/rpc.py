@@ -51,6 +51,8 @@ def map_errors(method: Callable) -> Callable:
 
     def abort(context: grpc.ServicerContext, exc: Exception) -> None:
         if isinstance(exc, MoemeshError):
+            if getattr(exc, "retry_after_ms", None) is not None:
+                context.set_trailing_metadata((("retry-after-ms", str(exc.retry_after_ms)),))
             context.abort(exc.code, str(exc))
         log.exception("unhandled error in %s", method.__qualname__)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
@@ -99,9 +101,10 @@ def answer_calls(
 class Service:
     """A gRPC server with standard health checking, a ready line, and graceful drain on SIGTERM."""
 
-    def __init__(self, name: str, host: str, port: int, workers: int = 32):
+    def __init__(self, name: str, host: str, port: int, workers: int = 32, max_receive_bytes: int = MAX_MESSAGE_BYTES):
         self.name = name
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=SERVER_OPTIONS)
+        options = list((dict(SERVER_OPTIONS) | {"grpc.max_receive_message_length": max_receive_bytes}).items())
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -73,7 +73,19 @@ class GatewaySettings(ServiceSettings):
     hedge_floor_s: float = Field(
         1.0, description="least time a router call gets before it is hedged to another router (budget: 3 x p99)"
     )
-    workers: int = Field(256, description="gRPC worker threads (concurrent RPCs)")
+    max_concurrent_requests: int = Field(
+        256, description="most Gateway calls at once, beyond: RESOURCE_EXHAUSTED (health checks keep threads apart)"
+    )
+    max_request_bytes: int = Field(4 * 1024 * 1024, description="largest request message the public port accepts")
+    max_prompt_chars: int = Field(200_000, description="longest text prompt, in characters, before tokenization")
+    max_stop_strings: int = Field(8, description="most stop strings in one request")
+    max_stop_chars: int = Field(128, description="longest stop string, in characters")
+    max_temperature: float = Field(2.0, description="largest sampling temperature a request may ask for")
+    max_chat_messages: int = Field(64, description="most messages in one Chat request")
+    max_message_chars: int = Field(32_000, description="longest content of one chat message, in characters")
+    api_keys: str | None = Field(
+        None, description="API keys: a key file (see `moemesh keys`), or `redis` for the keys in --redis; unset: none"
+    )
     session_ttl_s: int = Field(3600, description="seconds a session lives after its last use")
     max_session_turns: int = Field(256, description="most turns in one session")
     max_session_tokens: int = Field(0, description="most tokens in one session; 0: the context length")

@@ -5,6 +5,7 @@ field's name and the limit it broke.
 """
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from moemesh.errors import InvalidArgument
@@ -18,6 +19,15 @@ class Limits:
     max_context: int
     default_max_new_tokens: int
     max_new_tokens_limit: int
+    max_prompt_chars: int = 200_000
+    max_stop_strings: int = 8
+    max_stop_chars: int = 128
+    max_temperature: float = 2.0
+    max_chat_messages: int = 64
+    max_message_chars: int = 32_000
+
+
+SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 @dataclass(frozen=True)
@@ -81,7 +91,26 @@ def merge(outputs: list[StepOutput]) -> StepOutput:
 
 
 def from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, limits: Limits) -> GenerationRequest:
+    if msg.session_id:
+        raise InvalidArgument("session_id: Generate keeps no session; use Chat for multi-turn conversations")
     return with_sampling(_prompt_from_pb(msg, text, limits), msg.sampling, text, limits)
+
+
+def check_session_id(session_id: str) -> None:
+    """Session ids are what `Chat` hands out: 1-64 letters, digits, `-` or `_`."""
+    if not SESSION_ID.fullmatch(session_id):
+        raise InvalidArgument("session_id: must be 1-64 characters of A-Z, a-z, 0-9, '-' or '_'")
+
+
+def check_chat_messages(messages, limits: Limits) -> None:
+    """The size limits of one Chat request's messages."""
+    if len(messages) > limits.max_chat_messages:
+        raise InvalidArgument(f"messages: {len(messages)} messages, over the limit of {limits.max_chat_messages}")
+    for i, m in enumerate(messages):
+        if len(m.content) > limits.max_message_chars:
+            raise InvalidArgument(
+                f"messages[{i}].content: {len(m.content)} characters, over the limit of {limits.max_message_chars}"
+            )
 
 
 def _prompt_from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, limits: Limits) -> list[int]:
@@ -93,6 +122,8 @@ def _prompt_from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, li
                     f"prompt_token_ids[{i}]: {token} is outside the vocabulary [0, {limits.vocab_size})"
                 )
     elif msg.prompt:
+        if len(msg.prompt) > limits.max_prompt_chars:
+            raise InvalidArgument(f"prompt: {len(msg.prompt)} characters, over the limit of {limits.max_prompt_chars}")
         if text is None:
             raise InvalidArgument("prompt: this model has no tokenizer.json; send prompt_token_ids instead")
         prompt_ids = text.encode(msg.prompt)
@@ -128,8 +159,10 @@ def _sampling_from_pb(
     if not 1 <= max_new <= limits.max_new_tokens_limit:
         raise InvalidArgument(f"sampling.max_new_tokens: {max_new} is outside [1, {limits.max_new_tokens_limit}]")
     temperature = msg.temperature if msg.HasField("temperature") else 0.0
-    if math.isnan(temperature) or temperature < 0:
-        raise InvalidArgument(f"sampling.temperature: {temperature} must be a number >= 0 (0 is greedy)")
+    if not 0 <= temperature <= limits.max_temperature:  # also refuses nan and inf
+        raise InvalidArgument(
+            f"sampling.temperature: {temperature} is outside [0, {limits.max_temperature:g}] (0 is greedy)"
+        )
     top_p = msg.top_p if msg.HasField("top_p") else 1.0
     if math.isnan(top_p) or not 0.0 < top_p <= 1.0:
         raise InvalidArgument(f"sampling.top_p: {top_p} is outside (0, 1]")
@@ -141,6 +174,12 @@ def _sampling_from_pb(
         raise InvalidArgument("sampling.stop: this model has no tokenizer.json, so stop strings cannot match")
     if any(not s for s in stop):
         raise InvalidArgument("sampling.stop: stop strings must not be empty")
+    if len(stop) > limits.max_stop_strings:
+        raise InvalidArgument(f"sampling.stop: {len(stop)} stop strings, over the limit of {limits.max_stop_strings}")
+    if (longest := max(map(len, stop), default=0)) > limits.max_stop_chars:
+        raise InvalidArgument(
+            f"sampling.stop: a stop string of {longest} characters, over the limit of {limits.max_stop_chars}"
+        )
     return SamplingConfig(
         max_new_tokens=max_new,
         temperature=temperature,

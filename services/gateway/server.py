@@ -1,5 +1,7 @@
 """`moemesh gateway`: load the dense model, connect the routed experts, serve the public API."""
 
+from pathlib import Path
+
 import redis
 import torch
 from grpc_reflection.v1alpha import reflection
@@ -7,6 +9,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from moemesh.checkpoint import Checkpoint
+from moemesh.errors import ConfigError
 from moemesh.model import DenseModel, RoutedExperts, load_experts, load_gates
 from moemesh.moe import LocalExperts, RoutedMoE
 from moemesh.rpc import Service
@@ -16,12 +19,16 @@ from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.chat import Conversations
 from services.gateway.chat_template import ChatTemplate, eos_token_ids
 from services.gateway.engine import Engine, EngineConfig
+from services.gateway.keys import Authenticator, KeyFile, KeyStore, RedisKeys
 from services.gateway.kv_store import KVStore, load_client
+from services.gateway.quotas import Quotas
 from services.gateway.requests import Limits
 from services.gateway.router_client import RouterClient
 from services.gateway.servicer import GatewayServicer
 from services.gateway.sessions import SessionStore
 from services.gateway.text import TextCodec
+
+HEALTH_THREADS = 32  # server threads beyond the Gateway calls' limit: health checks and reflection always get one
 
 
 def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
@@ -46,15 +53,22 @@ def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
     return engine, ckpt
 
 
-def conversations(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, limits: Limits) -> Conversations | None:
-    """Sessions in Redis, when a Redis URL is configured (connections open lazily, and reopen)."""
+def redis_client(settings: GatewaySettings) -> redis.Redis | None:
+    """The client of sessions, keys and quotas (connections open lazily, and reopen)."""
     if not settings.redis:
         return None
     # One immediate retry (a connection Redis dropped); waiting for Redis to come back is up to the
     # callers (a finished turn's save retries), so a hung Redis costs a call seconds, not a minute.
-    client = redis.Redis.from_url(
-        settings.redis, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1)
-    )
+    return redis.Redis.from_url(settings.redis, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1))
+
+
+def conversations(
+    settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, limits: Limits, client: redis.Redis | None = None
+) -> Conversations | None:
+    """Sessions in Redis, when a Redis URL is configured (through `client`, or a client of their own)."""
+    client = client or redis_client(settings)
+    if client is None:
+        return None
     cfg = ckpt.config
     tag = f"{ckpt.fingerprint}:{str(engine.dtype).removeprefix('torch.')}"
     windows = {cfg.window(layer) for layer in range(cfg.num_layers)}
@@ -70,6 +84,19 @@ def conversations(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, l
     )
 
 
+def key_store(settings: GatewaySettings, client: redis.Redis | None) -> KeyStore | None:
+    """Where API keys are looked up: `--api-keys redis` (the session Redis) or a key file; None: no keys."""
+    if settings.api_keys is None:
+        return None
+    if settings.api_keys == "redis":
+        if client is None:
+            raise ConfigError("api_keys: `redis` needs --redis URL")
+        return RedisKeys(client)
+    store = KeyFile(Path(settings.api_keys))
+    store.lookup("")  # reads the file now, so a missing or malformed one fails the start
+    return store
+
+
 def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     engine, ckpt = build_engine(settings)
     cfg = ckpt.config
@@ -78,9 +105,23 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
         max_context=settings.max_context or cfg.max_position_embeddings,
         default_max_new_tokens=settings.default_max_new_tokens,
         max_new_tokens_limit=settings.max_new_tokens_limit,
+        max_prompt_chars=settings.max_prompt_chars,
+        max_stop_strings=settings.max_stop_strings,
+        max_stop_chars=settings.max_stop_chars,
+        max_temperature=settings.max_temperature,
+        max_chat_messages=settings.max_chat_messages,
+        max_message_chars=settings.max_message_chars,
     )
-    service = Service("gateway", settings.host, settings.port, workers=settings.workers)
-    servicer = GatewayServicer(engine, conversations(settings, engine, ckpt, limits), limits, cfg, ckpt.dir.name)
+    service = Service(
+        "gateway", settings.host, settings.port, workers=settings.max_concurrent_requests + HEALTH_THREADS,
+        max_receive_bytes=settings.max_request_bytes,
+    )  # fmt: skip
+    client = redis_client(settings)
+    servicer = GatewayServicer(
+        engine, conversations(settings, engine, ckpt, limits, client), limits, cfg, ckpt.dir.name,
+        Authenticator(key_store(settings, client)), Quotas(client, settings.session_ttl_s),
+        settings.max_concurrent_requests,
+    )  # fmt: skip
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, service.server)
     names = (
         gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,

@@ -1,19 +1,23 @@
-"""The public Gateway servicer: converts messages, delegates to the engine, streams results."""
+"""The public Gateway servicer: admits each call (concurrency limit, API key, quotas), converts messages,
+delegates to the engine or the conversations, streams results."""
 
+import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import grpc
 
 from moemesh.config import ModelConfig
-from moemesh.errors import Unavailable
+from moemesh.errors import NotFound, ResourceExhausted, Unavailable
 from moemesh.rpc import map_errors
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import requests
 from services.gateway.chat import Conversations
-from services.gateway.engine import Engine, Sequence
-
-ANONYMOUS = "anonymous"  # the owner of every session until API keys exist
+from services.gateway.engine import Engine
+from services.gateway.keys import Authenticator, KeyInfo
+from services.gateway.quotas import Quotas
+from services.gateway.requests import StepOutput
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
@@ -24,8 +28,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         limits: requests.Limits,
         cfg: ModelConfig,
         model_name: str,
+        auth: Authenticator,
+        quotas: Quotas,
+        max_concurrent: int,
     ):
         self.engine, self.conversations, self.limits = engine, conversations, limits
+        self.auth, self.quotas, self.max_concurrent = auth, quotas, max_concurrent
+        self._slots = threading.BoundedSemaphore(max_concurrent)
         self.info = gateway_pb2.ModelInfo(
             model_name=model_name,
             model_type=cfg.model_type,
@@ -38,47 +47,88 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
 
     @map_errors
     def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext):
-        seq = self._submit(request, context)
-        return requests.merge(list(seq.outputs())).to_pb()
+        with self._admitted(context) as key:
+            return requests.merge(list(self._generate(request, context, key))).to_pb()
 
     @map_errors
     def GenerateStream(self, request, context: grpc.ServicerContext) -> Iterator[gateway_pb2.GenerateResponse]:
-        seq = self._submit(request, context)
-        for output in seq.outputs():
-            yield output.to_pb()
+        with self._admitted(context) as key:
+            for output in self._generate(request, context, key):
+                yield output.to_pb()
 
     @map_errors
     def GetModelInfo(self, request, context) -> gateway_pb2.ModelInfo:
-        return self.info
+        with self._admitted(context):
+            return self.info
 
     @map_errors
     def Chat(self, request: gateway_pb2.ChatRequest, context) -> Iterator[gateway_pb2.GenerateResponse]:
-        turn = self._sessions().turn(
-            request.session_id, list(request.messages), request.sampling, ANONYMOUS, context.add_callback,
-            client_deadline(context),
-        )  # fmt: skip
-        for output in turn:
-            yield output.to_pb()
+        with self._admitted(context) as key:
+            conversations = self._sessions()
+            if request.session_id:
+                requests.check_session_id(request.session_id)
+            else:
+                self.quotas.check_new_session(key)
+            requests.check_chat_messages(request.messages, self.limits)
+            self.quotas.admit(key)
+            turn = conversations.turn(
+                request.session_id, list(request.messages), request.sampling, key.id, context.add_callback,
+                client_deadline(context),
+            )  # fmt: skip
+            used = 0
+            try:
+                for output in turn:
+                    if output.finish_reason:
+                        used = output.prompt_tokens + output.completion_tokens
+                        self.quotas.session_used(key, output.session_id)
+                    yield output.to_pb()
+            finally:
+                self.quotas.charge(key, used)
 
     @map_errors
     def GetSession(self, request: gateway_pb2.GetSessionRequest, context) -> gateway_pb2.Session:
-        return self._sessions().get(request.session_id, ANONYMOUS)
+        with self._admitted(context) as key:
+            requests.check_session_id(request.session_id)
+            return self._sessions().get(request.session_id, key.id)
 
     @map_errors
     def DeleteSession(self, request: gateway_pb2.DeleteSessionRequest, context) -> gateway_pb2.DeleteSessionResponse:
-        return gateway_pb2.DeleteSessionResponse(deleted=self._sessions().delete(request.session_id, ANONYMOUS))
+        with self._admitted(context) as key:
+            requests.check_session_id(request.session_id)
+            if not self._sessions().delete(request.session_id, key.id):
+                raise NotFound(f"session_id: no session {request.session_id!r} (unknown, expired or deleted)")
+            self.quotas.session_deleted(key, request.session_id)
+            return gateway_pb2.DeleteSessionResponse(deleted=True)
+
+    @contextmanager
+    def _admitted(self, context: grpc.ServicerContext) -> Iterator[KeyInfo]:
+        """Holds one of the gateway's call slots and one of the caller's key's for the whole call.
+
+        Calls beyond `max_concurrent` are refused at once rather than queued, so the threads kept apart
+        for health checks are never taken by them."""
+        if not self._slots.acquire(blocking=False):
+            raise ResourceExhausted(f"the gateway is serving its limit of {self.max_concurrent} calls; retry later")
+        try:
+            key = self.auth.authenticate(context.invocation_metadata())
+            with self.quotas.stream(key):
+                yield key
+        finally:
+            self._slots.release()
+
+    def _generate(self, request, context: grpc.ServicerContext, key: KeyInfo) -> Iterator[StepOutput]:
+        parsed = requests.from_pb(request, self.engine.text, self.limits)
+        self.quotas.admit(key)
+        seq = self.engine.submit(parsed, None, client_deadline(context))
+        context.add_callback(lambda: self.engine.cancel(seq))  # the client went away: leave the batch
+        try:
+            yield from seq.outputs()
+        finally:
+            self.quotas.charge(key, len(seq.prompt_ids) + len(seq.output_ids))
 
     def _sessions(self) -> Conversations:
         if self.conversations is None:
             raise Unavailable("sessions need Redis: start the gateway with --redis URL")
         return self.conversations
-
-    def _submit(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Sequence:
-        seq = self.engine.submit(
-            requests.from_pb(request, self.engine.text, self.limits), None, client_deadline(context)
-        )
-        context.add_callback(lambda: self.engine.cancel(seq))  # the client went away: leave the batch
-        return seq
 
 
 def client_deadline(context: grpc.ServicerContext) -> float | None:

@@ -98,9 +98,9 @@ def test_max_new_tokens_over_the_limit():
     assert from_pb(ids_request(max_new_tokens=100), None, LIMITS).sampling.max_new_tokens == 100
 
 
-@pytest.mark.parametrize("value", [-0.5, -1e-6, float("nan")])
+@pytest.mark.parametrize("value", [-0.5, -1e-6, float("nan"), float("inf"), 2.01])
 def test_bad_temperature(value):
-    rejected(ids_request(temperature=value), "sampling.temperature", ">= 0")
+    rejected(ids_request(temperature=value), "sampling.temperature", "outside [0, 2]")
 
 
 @pytest.mark.parametrize("value", [0.0, -0.1, 1.0001, 2.0, float("nan")])
