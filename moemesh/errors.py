@@ -49,6 +49,12 @@ class CheckpointError(MoemeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ConfigError(MoemeshError):
+    """A configured file that cannot be used: a missing or unreadable certificate, certificates that exist already."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MoemeshError]] = {
     cls.code: cls
     for cls in (InvalidArgument, NotFound, Aborted, ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled)

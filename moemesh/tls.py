@@ -1,0 +1,89 @@
+"""TLS: every gRPC port, gRPC channel and Redis client of moemesh is made here.
+
+A service has at most one certificate (and its key), which it serves its port with and presents as a client,
+and the CA of the internal services:
+
+- the gateway's port serves TLS once it has a certificate; its clients need none of their own;
+- router and expert ports serve mutual TLS: a client must present a certificate the CA signed;
+- internal channels (gateway -> router, router -> expert) use TLS once a CA is configured: they verify the
+  server against it (the certificate's SANs must cover the address dialled, `127.0.0.1` included) and
+  present the service's certificate; without a CA they are plaintext;
+- a `rediss://` URL verifies Redis against the CA and presents the certificate (Redis's `tls-auth-clients`).
+"""
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import grpc
+import redis
+
+from moemesh.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Tls:
+    """One service's TLS files: paths (Redis opens them itself) and their contents, read once at start so that
+    a missing file fails the start rather than the first connection."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    _pem: dict[Path, bytes] = field(default_factory=dict, repr=False, compare=False)
+
+    @classmethod
+    def load(cls, cert: Path | None = None, key: Path | None = None, ca: Path | None = None) -> "Tls":
+        pem = {path: _read(setting, path) for setting, path in (("tls_cert", cert), ("tls_key", key), ("tls_ca", ca))
+               if path is not None}  # fmt: skip
+        return cls(cert, key, ca, pem)
+
+    def server_credentials(self, require_client_auth: bool) -> grpc.ServerCredentials | None:
+        """TLS for a port with the certificate (None: plaintext); `require_client_auth` (internal ports) also
+        asks each client for a certificate that the CA signed."""
+        if self.cert is None:
+            return None
+        pairs = [(self._pem[self.key], self._pem[self.cert])]
+        if not require_client_auth:
+            return grpc.ssl_server_credentials(pairs)
+        return grpc.ssl_server_credentials(pairs, root_certificates=self._pem[self.ca], require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+        """TLS for channels once a CA is configured (None: plaintext): the server is verified against the CA,
+        and the certificate, if any, presented."""
+        if self.ca is None:
+            return None
+        cert = None if self.cert is None else self._pem[self.cert]
+        key = None if self.key is None else self._pem[self.key]
+        return grpc.ssl_channel_credentials(self._pem[self.ca], key, cert)
+
+    def redis(self, url: str, **options: Any) -> redis.Redis:
+        """A Redis client of `url`; with `rediss://`, TLS verifying Redis against the CA (the system's CAs
+        without one) and presenting the certificate."""
+        if urlsplit(url).scheme == "rediss":
+            files = {"ssl_ca_certs": self.ca, "ssl_certfile": self.cert, "ssl_keyfile": self.key}
+            options |= {name: str(path) for name, path in files.items() if path is not None}
+        return redis.Redis.from_url(url, **options)
+
+
+PLAINTEXT = Tls()
+
+
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None, options: list) -> grpc.Channel:
+    if credentials is None:
+        return grpc.insecure_channel(target, options=options)
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def add_port(server: grpc.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Binds `address`; the port bound."""
+    if credentials is None:
+        return server.add_insecure_port(address)
+    return server.add_secure_port(address, credentials)
+
+
+def _read(setting: str, path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror})") from None
