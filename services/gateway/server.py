@@ -1,6 +1,5 @@
 """`moemesh gateway`: load the dense model, connect the routed experts, serve the public API."""
 
-import redis
 import torch
 from grpc_reflection.v1alpha import reflection
 from redis.backoff import NoBackoff
@@ -32,10 +31,12 @@ def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
     routed: RoutedExperts
     if settings.router:
         routers = settings.router.split(",")
-        RouterClient.wait_ready(routers, settings.router_timeout_s)
+        credentials = settings.tls().channel_credentials()
+        RouterClient.wait_ready(routers, settings.router_timeout_s, credentials)
         routed = RouterClient(
-            routers, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s, settings.hedge_floor_s
-        )
+            routers, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s, settings.hedge_floor_s,
+            credentials,
+        )  # fmt: skip
     else:
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
@@ -50,11 +51,11 @@ def conversations(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, l
     """Sessions in Redis, when a Redis URL is configured (connections open lazily, and reopen)."""
     if not settings.redis:
         return None
+    tls = settings.tls()
     # One immediate retry (a connection Redis dropped); waiting for Redis to come back is up to the
     # callers (a finished turn's save retries), so a hung Redis costs a call seconds, not a minute.
-    client = redis.Redis.from_url(
-        settings.redis, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1)
-    )
+    client = tls.redis(settings.redis, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1))
+    loads = load_client(settings.redis, tls)
     cfg = ckpt.config
     tag = f"{ckpt.fingerprint}:{str(engine.dtype).removeprefix('torch.')}"
     windows = {cfg.window(layer) for layer in range(cfg.num_layers)}
@@ -62,7 +63,7 @@ def conversations(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, l
     return Conversations(
         engine,
         SessionStore(client, settings.session_ttl_s, settings.session_lock_ttl_s),
-        KVStore(client, load_client(settings.redis), tag, settings.kv_chunk_tokens, settings.session_ttl_s, window),
+        KVStore(client, loads, tag, settings.kv_chunk_tokens, settings.session_ttl_s, window),
         ChatTemplate.from_dir(settings.model),
         limits,
         settings.max_session_turns,
@@ -79,7 +80,9 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
         default_max_new_tokens=settings.default_max_new_tokens,
         max_new_tokens_limit=settings.max_new_tokens_limit,
     )
-    service = Service("gateway", settings.host, settings.port, workers=settings.workers)
+    # The public port: TLS once there is a certificate; clients need none of their own.
+    credentials = settings.tls().server_credentials(require_client_auth=False)
+    service = Service("gateway", settings.host, settings.port, workers=settings.workers, credentials=credentials)
     servicer = GatewayServicer(engine, conversations(settings, engine, ckpt, limits), limits, cfg, ckpt.dir.name)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, service.server)
     names = (
