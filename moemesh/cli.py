@@ -38,7 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     up.add_argument("--quantize", default="none", choices=["none", "int8"], help="expert weights")
     up.add_argument("--tls", action="store_true", help="TLS on the gateway's port, mutual TLS inside, TLS to Redis")
-    up.add_argument("--certs", type=Path, help="with --tls: the certificates in DIR (made there if it has none)")
+    up.add_argument(
+        "--certs", type=Path, metavar="DIR", help="with --tls: the certificates in DIR (made there if it has none)"
+    )
 
     for name, (settings_cls, _) in SERVICES.items():
         settings_mod.add_flags(sub.add_parser(name, help=f"run the {name} service alone"), settings_cls)
@@ -51,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--tls-ca", type=Path, help="connect with TLS, verifying the gateway against this PEM CA")
 
     certs = sub.add_parser("certs", help="write a development CA and a certificate for every service into DIR")
-    certs.add_argument("dir", type=Path)
+    certs.add_argument("dir", type=Path, help="created if missing; existing certificates are never overwritten")
     certs.add_argument(
         "--san", action="append", default=[], help="another DNS name or IP address of the services (repeatable)"
     )
