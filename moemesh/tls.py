@@ -58,8 +58,8 @@ class Tls:
         return grpc.ssl_channel_credentials(self._pem[self.ca], key, cert)
 
     def redis(self, url: str, **options: Any) -> redis.Redis:
-        """A Redis client of `url`; with `rediss://`, TLS verifying Redis against the CA (the system's CAs
-        without one) and presenting the certificate."""
+        """A Redis client of `url`; with `rediss://`, TLS verifying Redis against the CA (and the system's CAs,
+        which redis-py always loads) and presenting the certificate."""
         if urlsplit(url).scheme == "rediss":
             files = {"ssl_ca_certs": self.ca, "ssl_certfile": self.cert, "ssl_keyfile": self.key}
             options |= {name: str(path) for name, path in files.items() if path is not None}
