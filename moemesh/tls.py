@@ -8,7 +8,8 @@ and the CA of the internal services:
 - internal channels (gateway -> router, router -> expert) use TLS once a CA is configured: they verify the
   server against it (the certificate's SANs must cover the address dialled, `127.0.0.1` included) and
   present the service's certificate; without a CA they are plaintext;
-- a `rediss://` URL verifies Redis against the CA and presents the certificate (Redis's `tls-auth-clients`).
+- a `rediss://` URL verifies Redis against the CA (and the system's CAs) and presents the certificate (for
+  Redis's `tls-auth-clients`).
 """
 
 from dataclasses import dataclass, field
@@ -18,14 +19,17 @@ from urllib.parse import urlsplit
 
 import grpc
 import redis
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from moemesh.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class Tls:
-    """One service's TLS files: paths (Redis opens them itself) and their contents, read once at start so that
-    a missing file fails the start rather than the first connection."""
+    """One service's TLS files: paths (Redis opens them itself) and their contents, read and checked once at
+    start, so that a missing or wrong file fails the start with its name rather than each connection later
+    (gRPC reports a bad certificate as "Failed to bind", or as an unreachable peer)."""
 
     cert: Path | None = None
     key: Path | None = None
@@ -34,9 +38,11 @@ class Tls:
 
     @classmethod
     def load(cls, cert: Path | None = None, key: Path | None = None, ca: Path | None = None) -> "Tls":
-        pem = {path: _read(setting, path) for setting, path in (("tls_cert", cert), ("tls_key", key), ("tls_ca", ca))
-               if path is not None}  # fmt: skip
-        return cls(cert, key, ca, pem)
+        files = {setting: path for setting, path in (("tls_cert", cert), ("tls_key", key), ("tls_ca", ca)) if path}
+        read = {setting: _read_pem(setting, path) for setting, path in files.items()}
+        if cert and key and not _is_key_of(read["tls_key"][1], read["tls_cert"][1]):
+            raise ConfigError(f"tls_key: {key} is not the private key of tls_cert {cert}")
+        return cls(cert, key, ca, {files[setting]: data for setting, (data, _) in read.items()})
 
     def server_credentials(self, require_client_auth: bool) -> grpc.ServerCredentials | None:
         """TLS for a port with the certificate (None: plaintext); `require_client_auth` (internal ports) also
@@ -82,8 +88,22 @@ def add_port(server: grpc.Server, address: str, credentials: grpc.ServerCredenti
     return server.add_secure_port(address, credentials)
 
 
-def _read(setting: str, path: Path) -> bytes:
+def _is_key_of(key: Any, chain: list[x509.Certificate]) -> bool:
+    """Whether `key` is the private key of the chain's first (leaf) certificate."""
+    return key.public_key() == chain[0].public_key()
+
+
+def _read_pem(setting: str, path: Path) -> tuple[bytes, Any]:
+    """The file's contents and what they parse to: a private key (tls_key), else a list of certificates."""
     try:
-        return path.read_bytes()
+        data = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{setting}: cannot read {path} ({exc.strerror})") from None
+    if setting == "tls_key":
+        kind, parse = "an unencrypted PEM private key", lambda pem: serialization.load_pem_private_key(pem, None)
+    else:
+        kind, parse = "a PEM certificate (chain)", x509.load_pem_x509_certificates
+    try:
+        return data, parse(data)
+    except (ValueError, TypeError) as exc:  # TypeError: a key that needs a password
+        raise ConfigError(f"{setting}: {path} is not {kind} ({exc})") from None

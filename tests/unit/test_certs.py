@@ -1,4 +1,5 @@
-"""`moemesh certs DIR`: a CA and a certificate for every service, with loopback SANs, that chains to the CA."""
+"""`moemesh certs DIR`: a CA and a certificate for every service, with loopback SANs, that chains to the CA;
+`Tls.load` refuses files that are not what their setting names."""
 
 import ipaddress
 import stat
@@ -11,6 +12,7 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from moemesh import certs
 from moemesh.cli import main
 from moemesh.errors import ConfigError
+from moemesh.tls import Tls
 
 
 @pytest.fixture(scope="module")
@@ -69,3 +71,19 @@ def test_existing_files_are_never_overwritten_and_ensure_reuses_them(made, tmp_p
     assert [p.read_bytes() for p in made] == before
     fresh = certs.ensure(tmp_path / "fresh")
     assert all(p.exists() for p in fresh)
+
+
+@pytest.mark.timeout(60)
+def test_tls_load_names_the_setting_of_a_wrong_file(made, tmp_path):
+    Tls.load(made.cert, made.key, made.ca)
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not PEM\n")
+    other = certs.make(tmp_path / "other")
+    with pytest.raises(ConfigError, match=r"tls_cert: .*garbage\.pem is not a PEM certificate"):
+        Tls.load(garbage, made.key, made.ca)
+    with pytest.raises(ConfigError, match=r"tls_key: .*ca\.pem is not an unencrypted PEM private key"):
+        Tls.load(made.cert, made.ca, made.ca)
+    with pytest.raises(ConfigError, match=r"tls_ca: .*key\.pem is not a PEM certificate"):
+        Tls.load(made.cert, made.key, made.key)
+    with pytest.raises(ConfigError, match=r"tls_key: .*other/key\.pem is not the private key of tls_cert"):
+        Tls.load(made.cert, other.key, made.ca)
