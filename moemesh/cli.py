@@ -1,4 +1,5 @@
-"""The `moemesh` command: `up` (a whole cluster), each service alone, a client, the demo model."""
+"""The `moemesh` command: `up` (a whole cluster), each service alone, a client, development certificates, the
+demo model."""
 
 import argparse
 import logging
