@@ -1,4 +1,5 @@
-"""The `moemesh` command: `up` (a whole cluster), each service alone, a client, the demo model."""
+"""The `moemesh` command: `up` (a whole cluster), each service alone, a client, development certificates, the
+demo model."""
 
 import argparse
 import logging
@@ -6,7 +7,7 @@ import sys
 from pathlib import Path
 
 from moemesh import settings as settings_mod
-from moemesh.errors import MoemeshError
+from moemesh.errors import ConfigError, MoemeshError
 
 SERVICES = {
     "gateway": (settings_mod.GatewaySettings, "services.gateway.server"),
@@ -37,6 +38,10 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     up.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     up.add_argument("--quantize", default="none", choices=["none", "int8"], help="expert weights")
+    up.add_argument("--tls", action="store_true", help="TLS on the gateway's port, mutual TLS inside, TLS to Redis")
+    up.add_argument(
+        "--certs", type=Path, metavar="DIR", help="with --tls: the certificates in DIR (made there if it has none)"
+    )
 
     for name, (settings_cls, _) in SERVICES.items():
         settings_mod.add_flags(sub.add_parser(name, help=f"run the {name} service alone"), settings_cls)
@@ -46,6 +51,13 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--address", default="127.0.0.1:50051")
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--tls-ca", type=Path, help="connect with TLS, verifying the gateway against this PEM CA")
+
+    certs = sub.add_parser("certs", help="write a development CA and a certificate for every service into DIR")
+    certs.add_argument("dir", type=Path, help="created if missing; existing certificates are never overwritten")
+    certs.add_argument(
+        "--san", action="append", default=[], help="another DNS name or IP address of the services (repeatable)"
+    )
 
     inspect = sub.add_parser("inspect", help="describe a checkpoint and the bytes each of N expert shards would hold")
     inspect.add_argument("model", type=Path)
@@ -88,11 +100,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
         from moemesh.launcher import ClusterSpec, up
 
+        if args.certs and not args.tls:
+            raise ConfigError("--certs needs --tls")
         return up(
             ClusterSpec(
                 model=args.model or demo_model.ensure(), experts=args.experts, replicas=args.replicas,
                 routers=args.routers, host=args.host, port=args.port, redis_url=args.redis, dtype=args.dtype,
-                wire_dtype=args.wire_dtype, quantize=args.quantize,
+                wire_dtype=args.wire_dtype, quantize=args.quantize, tls=args.tls, certs=args.certs,
             )
         )  # fmt: skip
     if args.command in SERVICES:
@@ -104,7 +118,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "generate":
         from moemesh.client import stream_generate
 
-        return stream_generate(args.address, args.prompt, args.max_new_tokens, args.temperature)
+        return stream_generate(args.address, args.prompt, args.max_new_tokens, args.temperature, args.tls_ca)
+    if args.command == "certs":
+        from moemesh import certs
+
+        files = certs.make(args.dir, args.san)
+        print(f"CA certificate {files.ca}\ncertificate {files.cert}\nprivate key {files.key}")
+        return 0
     if args.command == "inspect":
         from moemesh.checkpoint import Checkpoint
         from moemesh.codec import parse_dtype

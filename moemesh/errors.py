@@ -57,14 +57,14 @@ class Cancelled(MoemeshError):
     code = grpc.StatusCode.CANCELLED
 
 
-class ConfigError(MoemeshError):
-    """A setting or file the service was started with cannot be used (a malformed key file)."""
+class CheckpointError(MoemeshError):
+    """A checkpoint that cannot be served: missing or mis-shaped tensor, unsupported model type."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
-class CheckpointError(MoemeshError):
-    """A checkpoint that cannot be served: missing or mis-shaped tensor, unsupported model type."""
+class ConfigError(MoemeshError):
+    """A setting or file the service was started with cannot be used (a certificate, a key file)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 

@@ -7,6 +7,9 @@ started) that dies is started again with the same command line after a short bac
 keep their ports, so the gateway's router list and the Redis URL stay valid; experts take a new port and
 announce it in the registry. The gateway's death ends the cluster with a non-zero exit. SIGINT/SIGTERM
 stops every child. Children also get SIGTERM from the kernel if this process dies (PR_SET_PDEATHSIG).
+
+With TLS every child gets the same certificate, key and CA (`moemesh certs`): the gateway serves TLS, routers
+and experts mutual TLS, and redis-server TLS only, asking clients for their certificate too.
 """
 
 import ctypes
@@ -23,6 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+
+from moemesh import certs
+from moemesh.tls import PLAINTEXT, Tls
 
 READY = re.compile(r"^(\w+) listening on (\S+)$")
 START_TIMEOUT_S = 300
@@ -78,10 +84,10 @@ class Child:
             raise self.exited_early()
         return self.address
 
-    def wait_redis(self, url: str, timeout_s: float) -> str:
+    def wait_redis(self, url: str, tls: Tls, timeout_s: float) -> str:
         """Ready once it answers PING, which it does only after replaying its AOF."""
         deadline = time.monotonic() + timeout_s
-        with redis.Redis.from_url(url, socket_timeout=1) as client:
+        with tls.redis(url, socket_timeout=1) as client:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise self.exited_early()
@@ -115,19 +121,24 @@ def _service(name: str, role: str, flags: dict[str, object]) -> Service:
     return Service(name, argv)
 
 
-def _redis_service(host: str, data_dir: Path) -> Service:
+def _redis_service(host: str, data_dir: Path, tls: Tls) -> Service:
     """A redis-server on a fixed port whose AOF (fsynced at every write, so nothing acknowledged is lost to
     a kill -9) lives in `data_dir`: a restart comes back at the same URL with the same data."""
     port = _free_port(host)
-    argv = ["redis-server", "--bind", host, "--port", str(port), "--dir", str(data_dir), "--appendonly", "yes",
+    argv = ["redis-server", "--bind", host, "--dir", str(data_dir), "--appendonly", "yes",
             "--appendfsync", "always", "--save", "", "--protected-mode", "no"]  # fmt: skip
-    return Service("redis", argv, redis_url=f"redis://{host}:{port}/0")
+    if tls.cert is None:
+        return Service("redis", argv + ["--port", str(port)], redis_url=f"redis://{host}:{port}/0")
+    argv += ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(tls.cert), "--tls-key-file",
+             str(tls.key), "--tls-ca-cert-file", str(tls.ca), "--tls-auth-clients", "yes"]  # fmt: skip
+    return Service("redis", argv, redis_url=f"rediss://{host}:{port}/0")
 
 
 class Cluster:
     """The children of `moemesh up`: starts them, restarts the supervised ones, stops them all."""
 
-    def __init__(self):
+    def __init__(self, tls: Tls = PLAINTEXT):
+        self.tls = tls  # what `up` connects to its redis-server with
         self.stopping = threading.Event()
         self._lock = threading.Lock()  # no child starts once stop() has taken the list of children
         self._children: dict[str, Child] = {}  # the current run of each service, in start order
@@ -150,7 +161,7 @@ class Cluster:
     def wait_ready(self, service: Service, child: Child, timeout_s: float = START_TIMEOUT_S) -> None:
         try:
             if service.redis_url:
-                child.wait_redis(service.redis_url, timeout_s)
+                child.wait_redis(service.redis_url, self.tls, timeout_s)
             else:
                 child.wait_ready(timeout_s)
         except ClusterError:
@@ -224,6 +235,8 @@ class ClusterSpec:
     dtype: str = "auto"
     wire_dtype: str = "auto"
     quantize: str = "none"
+    tls: bool = False
+    certs: Path | None = None  # with tls: the certificates' directory (made there if empty); None: a temporary one
 
 
 def _start_group(cluster: Cluster, services: list[Service]) -> list[Child]:
@@ -236,11 +249,13 @@ def _start_group(cluster: Cluster, services: list[Service]) -> list[Child]:
 
 def _start(cluster: Cluster, spec: ClusterSpec, redis_dir: Path) -> tuple[Child, list[Service]]:
     """Starts every child in dependency order; returns the gateway and the services to supervise."""
-    common = {"model": spec.model, "host": spec.host, "dtype": spec.dtype, "wire-dtype": spec.wire_dtype}
+    tls = cluster.tls
+    common = {"model": spec.model, "host": spec.host, "dtype": spec.dtype, "wire-dtype": spec.wire_dtype,
+              "tls-cert": tls.cert, "tls-key": tls.key, "tls-ca": tls.ca}  # fmt: skip
     supervised = []
     redis_url = spec.redis_url
     if not redis_url:
-        service = _redis_service(spec.host, redis_dir)
+        service = _redis_service(spec.host, redis_dir, tls)
         try:
             redis_url = cluster.start(service).address
         except FileNotFoundError:
@@ -280,12 +295,24 @@ def _stop_on_signals(stopping: threading.Event) -> None:
     threading.Thread(target=watch, name="signals", daemon=True).start()
 
 
+def _cluster_tls(spec: ClusterSpec, scratch: Path) -> Tls:
+    """No TLS, or the certificates in `spec.certs` (made there if it has none) or made in `scratch`; prints
+    where the CA's certificate is, for clients."""
+    if not spec.tls:
+        return PLAINTEXT
+    files = certs.ensure(spec.certs or scratch / "certs")
+    print(f"TLS CA certificate at {files.ca}", flush=True)
+    return Tls.load(files.cert, files.key, files.ca)
+
+
 def up(spec: ClusterSpec) -> int:
-    cluster = Cluster()
-    _stop_on_signals(cluster.stopping)
-    with tempfile.TemporaryDirectory(prefix="moemesh-redis-") as redis_dir:
+    with tempfile.TemporaryDirectory(prefix="moemesh-up-") as scratch:
+        cluster = Cluster(_cluster_tls(spec, Path(scratch)))
+        _stop_on_signals(cluster.stopping)
+        redis_dir = Path(scratch) / "redis"
+        redis_dir.mkdir()
         try:
-            gateway, supervised = _start(cluster, spec, Path(redis_dir))
+            gateway, supervised = _start(cluster, spec, redis_dir)
             print(f"gateway listening on {gateway.address}", flush=True)
             for service in supervised:
                 cluster.supervise(service)

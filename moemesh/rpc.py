@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from moemesh import tls
 from moemesh.errors import MoemeshError, PeerUnreachable, from_status, status_code
 from moemesh.v1 import call_pb2
 
@@ -64,7 +65,8 @@ def map_errors(method: Callable) -> Callable:
             try:
                 yield from method(self, request, context)
             except Exception as exc:  # noqa: BLE001 - this is the one place errors become statuses
-                abort(context, exc)
+                if context.is_active():  # else the call is over (cancelled, server stopping): nobody to tell
+                    abort(context, exc)
 
         return stream_wrapper
 
@@ -99,16 +101,25 @@ def answer_calls(
 
 
 class Service:
-    """A gRPC server with standard health checking, a ready line, and graceful drain on SIGTERM."""
+    """A gRPC server with standard health checking, a ready line, and graceful drain on SIGTERM; TLS with
+    `credentials` (`moemesh.tls.Tls.server_credentials`)."""
 
-    def __init__(self, name: str, host: str, port: int, workers: int = 32, max_receive_bytes: int = MAX_MESSAGE_BYTES):
+    def __init__(
+        self,
+        name: str,
+        host: str,
+        port: int,
+        workers: int = 32,
+        credentials: grpc.ServerCredentials | None = None,
+        max_receive_bytes: int = MAX_MESSAGE_BYTES,
+    ):
         self.name = name
         options = list((dict(SERVER_OPTIONS) | {"grpc.max_receive_message_length": max_receive_bytes}).items())
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+        self.port = tls.add_port(self.server, f"{host}:{port}", credentials)
         self.address = f"{host}:{self.port}"
 
     def start(self) -> None:
@@ -135,14 +146,19 @@ class StreamClient:
     Requests carry a `request_id`; a reader thread resolves each caller's future from the matching
     response, or fails it alone when the response carries an error status. A broken stream (the
     transport, or the server ending it) fails every pending call with `PeerUnreachable` (UNAVAILABLE)
-    and is reopened on next use.
+    and is reopened on next use. TLS with `credentials` (`moemesh.tls.Tls.channel_credentials`).
     """
 
     _CLOSE = object()
 
-    def __init__(self, target: str, open_stream: Callable[[grpc.Channel], Callable[..., Iterator[Any]]]):
+    def __init__(
+        self,
+        target: str,
+        open_stream: Callable[[grpc.Channel], Callable[..., Iterator[Any]]],
+        credentials: grpc.ChannelCredentials | None = None,
+    ):
         self.target = target
-        self._channel = grpc.insecure_channel(target, options=INTERNAL_CHANNEL_OPTIONS)
+        self._channel = tls.open_channel(target, credentials, INTERNAL_CHANNEL_OPTIONS)
         self._method = open_stream(self._channel)
         self._ids = itertools.count(1)
         self._lock = threading.Lock()

@@ -6,13 +6,14 @@ command line wins over the environment, which wins over the default.
 
 import argparse
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin
+from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moemesh.codec import parse_dtype
+from moemesh.tls import Tls
 
 ComputeDType = Literal["auto", "float32", "bfloat16"]
 WireDType = Literal["auto", "float32", "bfloat16", "float16"]
@@ -29,6 +30,33 @@ class ServiceSettings(BaseSettings):
     threads: int = Field(0, description="torch intra-op threads; 0: torch's default")
     grace_s: float = Field(10.0, description="seconds to finish in-flight work on SIGTERM")
     metrics_port: int = Field(-1, description="Prometheus metrics HTTP port; -1: off, 0: a free port")
+    tls_cert: Path | None = Field(
+        None,
+        description="PEM certificate this service serves its port with (TLS) and presents to the services and "
+        "Redis it calls; unset: plaintext port",
+    )
+    tls_key: Path | None = Field(None, description="PEM private key of tls_cert")
+    tls_ca: Path | None = Field(
+        None,
+        description="PEM CA of the internal services; set: mutual TLS between gateway, routers and experts (each "
+        "verifies the other's certificate against it), and the CA a rediss:// Redis is verified against",
+    )
+
+    internal: ClassVar[bool] = False  # routers and experts: a TLS port of theirs requires client certificates
+
+    @model_validator(mode="after")
+    def _tls_files_go_together(self) -> "ServiceSettings":
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key: set both or neither")
+        if self.tls_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_ca turns on mutual TLS, which needs tls_cert and tls_key too")
+        if self.internal and self.tls_cert is not None and self.tls_ca is None:
+            raise ValueError("tls_cert needs tls_ca: routers and experts serve mutual TLS only")
+        return self
+
+    def tls(self) -> Tls:
+        """The TLS files, read (a missing one fails here, at start)."""
+        return Tls.load(self.tls_cert, self.tls_key, self.tls_ca)
 
     def compute_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
         return checkpoint_dtype if self.dtype == "auto" else parse_dtype(self.dtype)
@@ -38,6 +66,8 @@ class ServiceSettings(BaseSettings):
 
 
 class ExpertSettings(ServiceSettings):
+    internal: ClassVar[bool] = True
+
     shard: str = Field("0/1", description="i/N: hold the i-th of N contiguous slices of every layer's experts")
     registry: str | None = Field(None, description="Redis URL to announce this replica in (heartbeat TTL)")
     advertise: str | None = Field(None, description="address routers reach this replica at; default host:port")
@@ -48,6 +78,8 @@ class ExpertSettings(ServiceSettings):
 
 
 class RouterSettings(ServiceSettings):
+    internal: ClassVar[bool] = True
+
     experts: list[str] = Field([], description="comma-separated static expert service addresses (host:port)")
     placement_file: Path | None = Field(None, description="static expert addresses, one per line (# comments)")
     registry: str | None = Field(None, description="Redis URL where expert replicas announce themselves")

@@ -14,6 +14,7 @@ import torch
 
 from moemesh.demo_model import write_tokenizer
 from moemesh.rpc import CHANNEL_OPTIONS
+from moemesh.tls import Tls, open_channel
 from moemesh.v1 import gateway_pb2_grpc
 
 DEEPSEEK_VOCAB = 129280
@@ -112,7 +113,8 @@ class UpProcess:
 
 
 class Cluster:
-    """A running `moemesh up` with the addresses of its services."""
+    """A running `moemesh up` with the addresses of its services; with `--tls`, `ca` is the CA it printed and
+    `channel` a TLS channel verifying the gateway against it."""
 
     def __init__(self, model_dir: Path, *args: str):
         self.model_dir = model_dir
@@ -125,7 +127,9 @@ class Cluster:
         self.router_metrics = self.up.wait_for(r"^\[router-0\] router metrics on (\S+)").group(1)
         redis_line = [m for line in self.up.lines if (m := re.match(r"^\[redis\] ready on (\S+)", line))]
         self.redis = redis_line[0].group(1) if redis_line else None
-        self.channel = grpc.insecure_channel(self.address, options=CHANNEL_OPTIONS)
+        ca_line = [m for line in self.up.lines if (m := re.match(r"^TLS CA certificate at (\S+)$", line))]
+        self.ca = Path(ca_line[0].group(1)) if ca_line else None
+        self.channel = open_channel(self.address, Tls.load(ca=self.ca).channel_credentials(), CHANNEL_OPTIONS)
         self.stub = gateway_pb2_grpc.GatewayStub(self.channel)
 
     def _ready_addresses(self, role: str) -> list[str]:

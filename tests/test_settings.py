@@ -1,11 +1,13 @@
 """Settings come from flags, then `MOEMESH_*` environment variables, then defaults."""
 
 import argparse
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from moemesh.settings import GatewaySettings, RouterSettings, add_flags, from_flags
+from moemesh.errors import ConfigError
+from moemesh.settings import ExpertSettings, GatewaySettings, RouterSettings, add_flags, from_flags
 
 
 def parse(settings_cls, argv):
@@ -34,3 +36,36 @@ def test_bad_values_are_rejected_with_the_field_name():
         parse(GatewaySettings, ["--model", "/m", "--dtype", "int4"])
     with pytest.raises(ValidationError, match="max_batch_tokens"):
         parse(GatewaySettings, ["--model", "/m", "--max-batch-tokens", "many"])
+
+
+def test_tls_files_from_flags_and_environment(monkeypatch):
+    monkeypatch.setenv("MOEMESH_TLS_CA", "/certs/ca.pem")
+    settings = parse(RouterSettings, ["--model", "/m", "--tls-cert", "/certs/cert.pem", "--tls-key", "/certs/key.pem"])
+    assert (settings.tls_cert, settings.tls_key, settings.tls_ca) == tuple(
+        Path(f"/certs/{name}.pem") for name in ("cert", "key", "ca")
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings_cls", "argv", "message"),
+    [
+        (GatewaySettings, ["--tls-cert", "/c.pem"], "tls_cert and tls_key: set both or neither"),
+        (GatewaySettings, ["--tls-ca", "/ca.pem"], "tls_ca turns on mutual TLS, which needs tls_cert and tls_key"),
+        (RouterSettings, ["--tls-cert", "/c.pem", "--tls-key", "/k.pem"], "routers and experts serve mutual TLS only"),
+        (ExpertSettings, ["--tls-cert", "/c.pem", "--tls-key", "/k.pem"], "routers and experts serve mutual TLS only"),
+    ],
+)
+def test_incomplete_tls_settings_are_rejected(settings_cls, argv, message):
+    with pytest.raises(ValidationError, match=message):
+        parse(settings_cls, ["--model", "/m", *argv])
+
+
+def test_gateway_may_serve_tls_without_internal_mutual_tls():
+    settings = parse(GatewaySettings, ["--model", "/m", "--tls-cert", "/c.pem", "--tls-key", "/k.pem"])
+    assert settings.tls_ca is None
+
+
+def test_a_missing_tls_file_fails_at_start_naming_the_setting(tmp_path):
+    settings = parse(GatewaySettings, ["--model", "/m", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", "/k"])
+    with pytest.raises(ConfigError, match=r"tls_cert: cannot read .*c\.pem \(No such file or directory\)"):
+        settings.tls()

@@ -2,7 +2,6 @@
 
 import signal
 
-import redis
 import torch
 
 from moemesh.checkpoint import Checkpoint
@@ -18,7 +17,8 @@ def create_service(settings: ExpertSettings) -> tuple[Service, ExpertServicer]:
     ckpt = Checkpoint(settings.model)
     dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype)
     shard = ExpertShard.load(ckpt, settings.shard, dtype, settings.quantize)
-    service = Service("expert", settings.host, settings.port)
+    credentials = settings.tls().server_credentials(require_client_auth=True)
+    service = Service("expert", settings.host, settings.port, credentials=credentials)
     servicer = ExpertServicer(shard, dtype, settings.wire_torch_dtype(dtype), settings.fault_slowdown)
     expert_pb2_grpc.add_ExpertServicer_to_server(servicer, service.server)
     return service, servicer
@@ -35,7 +35,7 @@ def serve(settings: ExpertSettings) -> None:
     registration = None
     if settings.registry:
         info = {"fingerprint": shard.fingerprint, "layers": shard.layers}
-        client = redis.Redis.from_url(settings.registry, socket_timeout=2)
+        client = settings.tls().redis(settings.registry, socket_timeout=2)
         registration = Registration(client, settings.advertise or service.address, info)
         registration.start()
     service.serve_until_signal(settings.grace_s, before_drain=registration.stop if registration else None)

@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from moemesh.model import KVCache
+from moemesh.tls import PLAINTEXT, Tls
 from services.gateway.sessions import redis_errors, session_key
 
 log = logging.getLogger(__name__)
@@ -35,12 +36,10 @@ LOAD_BUDGET_S = 2.0  # time a turn may spend loading its KV cache; what has not 
 Chunk = tuple[bytes | None, bytes | None]  # data and metadata, None where missing
 
 
-def load_client(url: str, budget_s: float = LOAD_BUDGET_S) -> redis.Redis:
+def load_client(url: str, tls: Tls = PLAINTEXT, budget_s: float = LOAD_BUDGET_S) -> redis.Redis:
     """A client for KV loads: no retries and timeouts of the load budget, so a slow or hung Redis costs a
     turn about the budget, then it recomputes."""
-    return redis.Redis.from_url(
-        url, socket_timeout=budget_s, socket_connect_timeout=budget_s, retry=Retry(NoBackoff(), 0)
-    )
+    return tls.redis(url, socket_timeout=budget_s, socket_connect_timeout=budget_s, retry=Retry(NoBackoff(), 0))
 
 
 class KVStore:

@@ -17,6 +17,7 @@ from moemesh import codec
 from moemesh.errors import Unavailable
 from moemesh.peers import Attempt, Chooser, HedgedCall, Peer
 from moemesh.rpc import CHANNEL_OPTIONS, StreamClient
+from moemesh.tls import open_channel
 from moemesh.v1 import router_pb2, router_pb2_grpc
 
 
@@ -28,18 +29,23 @@ class RouterClient:
         wire_dtype: torch.dtype,
         timeout_s: float,
         hedge_floor_s: float = 1.0,
+        credentials: grpc.ChannelCredentials | None = None,
     ):
         self.compute_dtype, self.wire_dtype, self.timeout_s = compute_dtype, wire_dtype, timeout_s
         self.routers = [
-            Peer(StreamClient(a, lambda ch: router_pb2_grpc.RouterStub(ch).Forward), hedge_floor_s, 10 * hedge_floor_s)
+            Peer(
+                StreamClient(a, lambda ch: router_pb2_grpc.RouterStub(ch).Forward, credentials),
+                hedge_floor_s,
+                10 * hedge_floor_s,
+            )
             for a in addresses
         ]
         self._chooser = Chooser()
 
     @staticmethod
-    def wait_ready(addresses: list[str], timeout_s: float) -> None:
-        """Returns once any of the routers accepts connections."""
-        channels = [grpc.insecure_channel(a, options=CHANNEL_OPTIONS) for a in addresses]
+    def wait_ready(addresses: list[str], timeout_s: float, credentials: grpc.ChannelCredentials | None = None) -> None:
+        """Returns once any of the routers accepts connections (with TLS: completes a handshake)."""
+        channels = [open_channel(a, credentials, CHANNEL_OPTIONS) for a in addresses]
         try:
             ready = [grpc.channel_ready_future(c) for c in channels]
             done = threading.Event()

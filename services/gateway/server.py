@@ -39,10 +39,12 @@ def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
     routed: RoutedExperts
     if settings.router:
         routers = settings.router.split(",")
-        RouterClient.wait_ready(routers, settings.router_timeout_s)
+        credentials = settings.tls().channel_credentials()
+        RouterClient.wait_ready(routers, settings.router_timeout_s, credentials)
         routed = RouterClient(
-            routers, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s, settings.hedge_floor_s
-        )
+            routers, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s, settings.hedge_floor_s,
+            credentials,
+        )  # fmt: skip
     else:
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
@@ -59,7 +61,7 @@ def redis_client(settings: GatewaySettings) -> redis.Redis | None:
         return None
     # One immediate retry (a connection Redis dropped); waiting for Redis to come back is up to the
     # callers (a finished turn's save retries), so a hung Redis costs a call seconds, not a minute.
-    return redis.Redis.from_url(settings.redis, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1))
+    return settings.tls().redis(settings.redis, socket_timeout=5, socket_connect_timeout=2, retry=Retry(NoBackoff(), 1))
 
 
 def conversations(
@@ -69,6 +71,7 @@ def conversations(
     client = client or redis_client(settings)
     if client is None:
         return None
+    loads = load_client(settings.redis, settings.tls())
     cfg = ckpt.config
     tag = f"{ckpt.fingerprint}:{str(engine.dtype).removeprefix('torch.')}"
     windows = {cfg.window(layer) for layer in range(cfg.num_layers)}
@@ -76,7 +79,7 @@ def conversations(
     return Conversations(
         engine,
         SessionStore(client, settings.session_ttl_s, settings.session_lock_ttl_s),
-        KVStore(client, load_client(settings.redis), tag, settings.kv_chunk_tokens, settings.session_ttl_s, window),
+        KVStore(client, loads, tag, settings.kv_chunk_tokens, settings.session_ttl_s, window),
         ChatTemplate.from_dir(settings.model),
         limits,
         settings.max_session_turns,
@@ -112,8 +115,10 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
         max_chat_messages=settings.max_chat_messages,
         max_message_chars=settings.max_message_chars,
     )
+    # The public port: TLS once there is a certificate; clients need none of their own.
     service = Service(
         "gateway", settings.host, settings.port, workers=settings.max_concurrent_requests + HEALTH_THREADS,
+        credentials=settings.tls().server_credentials(require_client_auth=False),
         max_receive_bytes=settings.max_request_bytes,
     )  # fmt: skip
     client = redis_client(settings)

@@ -18,6 +18,7 @@ from moemesh import registry
 from moemesh.errors import CheckpointError, Unavailable
 from moemesh.peers import Chooser, Peer
 from moemesh.rpc import CHANNEL_OPTIONS, StreamClient
+from moemesh.tls import open_channel
 from moemesh.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -31,8 +32,15 @@ class ExpertReplica(Peer):
         self.held = held
 
     @classmethod
-    def connect(cls, address: str, fingerprint: str, timeout_s: float, hedge_floor_s: float) -> "ExpertReplica":
-        with grpc.insecure_channel(address, options=CHANNEL_OPTIONS) as channel:
+    def connect(
+        cls,
+        address: str,
+        fingerprint: str,
+        timeout_s: float,
+        hedge_floor_s: float,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> "ExpertReplica":
+        with open_channel(address, credentials, CHANNEL_OPTIONS) as channel:
             try:
                 info = expert_pb2_grpc.ExpertStub(channel).Describe(
                     expert_pb2.DescribeExpertRequest(), timeout=timeout_s
@@ -44,7 +52,7 @@ class ExpertReplica(Peer):
                 f"expert {address} serves model {info.model_fingerprint}, this router {fingerprint}: refused"
             )
         held = {(entry.layer, e) for entry in info.layers for e in entry.experts}
-        client = StreamClient(address, lambda ch: expert_pb2_grpc.ExpertStub(ch).Forward)
+        client = StreamClient(address, lambda ch: expert_pb2_grpc.ExpertStub(ch).Forward, credentials)
         return cls(client, held, hedge_floor_s)
 
 
@@ -56,9 +64,11 @@ class Placement:
         fingerprint: str,
         connect_timeout_s: float,
         hedge_floor_s: float,
+        credentials: grpc.ChannelCredentials | None = None,
     ):
         self.layers, self.num_experts = layers, num_experts
         self.fingerprint, self.connect_timeout_s, self.hedge_floor_s = fingerprint, connect_timeout_s, hedge_floor_s
+        self.credentials = credentials  # TLS to the replicas (None: plaintext)
         self._replicas: dict[str, ExpertReplica] = {}
         self._refused: set[str] = set()
         self._lock = threading.Lock()
@@ -69,7 +79,9 @@ class Placement:
         if address in self._replicas or address in self._refused:
             return
         try:
-            replica = ExpertReplica.connect(address, self.fingerprint, self.connect_timeout_s, self.hedge_floor_s)
+            replica = ExpertReplica.connect(
+                address, self.fingerprint, self.connect_timeout_s, self.hedge_floor_s, self.credentials
+            )
         except CheckpointError as exc:
             self._refused.add(address)
             log.warning("%s", exc)

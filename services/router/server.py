@@ -3,7 +3,6 @@
 import time
 from pathlib import Path
 
-import redis
 import torch
 
 from moemesh.checkpoint import Checkpoint
@@ -22,18 +21,23 @@ CONNECT_TIMEOUT_S = 5.0  # one attempt to reach a replica; a replica not up yet 
 
 
 def create_service(settings: RouterSettings) -> Service:
+    tls = settings.tls()
     ckpt = Checkpoint(settings.model)
     cfg = ckpt.config
     dtype = settings.compute_dtype(cfg.checkpoint_dtype)
     wire = settings.wire_torch_dtype(dtype)
-    placement = Placement(cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, CONNECT_TIMEOUT_S, settings.hedge_floor_s)
+    placement = Placement(
+        cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, CONNECT_TIMEOUT_S, settings.hedge_floor_s,
+        tls.channel_credentials(),
+    )  # fmt: skip
     static = settings.experts + (read_placement_file(settings.placement_file) if settings.placement_file else [])
     if settings.registry:
-        Discovery(placement, redis.Redis.from_url(settings.registry, socket_timeout=2), static).start()
+        Discovery(placement, tls.redis(settings.registry, socket_timeout=2), static).start()
     wait_for_coverage(placement, static, settings.start_timeout_s)
     executor = RemoteExperts(placement, dtype, wire, settings.call_timeout_s)
     moe = RoutedMoE(load_gates(ckpt, dtype), executor, cfg.num_experts)
-    service = Service("router", settings.host, settings.port)
+    credentials = tls.server_credentials(require_client_auth=True)
+    service = Service("router", settings.host, settings.port, credentials=credentials)
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(moe, cfg.hidden_size, dtype, wire), service.server)
     return service
 
