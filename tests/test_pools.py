@@ -106,6 +106,7 @@ def test_no_replica_left_is_unavailable_then_recovers(mixtral_window_dir):
             prompt_token_ids=[1, 2, 3], sampling=gateway_pb2.SamplingParams(max_new_tokens=4)
         )
         assert len(cluster.stub.Generate(request, timeout=30).token_ids) == 4
+        os.kill(cluster.up.proc.pid, signal.SIGSTOP)  # `moemesh up` would restart the replica: freeze it
         os.kill(cluster.expert_pids()["1/2#0"], signal.SIGKILL)
         began = time.monotonic()
         with pytest.raises(grpc.RpcError) as info:
@@ -127,6 +128,7 @@ def test_no_replica_left_is_unavailable_then_recovers(mixtral_window_dir):
         finally:
             replacement.close()
     finally:
+        os.kill(cluster.up.proc.pid, signal.SIGCONT)
         cluster.close()
 
 
