@@ -17,6 +17,12 @@ class InvalidArgument(MoemeshError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class PermissionDenied(MoemeshError):
+    """The caller may not do this (e.g. send system messages)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class NotFound(MoemeshError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -49,9 +55,24 @@ class CheckpointError(MoemeshError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ConfigError(MoemeshError):
+    """A deployment setting that cannot be used (e.g. a malformed content rules file); the service does not start."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 _BY_CODE: dict[grpc.StatusCode, type[MoemeshError]] = {
     cls.code: cls
-    for cls in (InvalidArgument, NotFound, Aborted, ResourceExhausted, Unavailable, DeadlineExceeded, Cancelled)
+    for cls in (
+        InvalidArgument,
+        PermissionDenied,
+        NotFound,
+        Aborted,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Cancelled,
+    )
 }
 
 
