@@ -15,6 +15,7 @@ from moemesh.telemetry import serve_metrics
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.chat import Conversations
 from services.gateway.chat_template import ChatTemplate, eos_token_ids
+from services.gateway.content.config import ContentControls, load_controls
 from services.gateway.engine import Engine, EngineConfig
 from services.gateway.kv_store import KVStore, load_client
 from services.gateway.requests import Limits
@@ -24,8 +25,10 @@ from services.gateway.sessions import SessionStore
 from services.gateway.text import TextCodec
 
 
-def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
-    """The engine over the dense model, with the experts behind the router or, without one, in-process."""
+def build_engine(settings: GatewaySettings, controls: ContentControls | None = None) -> tuple[Engine, Checkpoint]:
+    """The engine over the dense model, with the experts behind the router or, without one, in-process, and
+    the output rules of `controls` (default: those of `settings.input_filter`)."""
+    controls = controls or load_controls(settings.input_filter)
     ckpt = Checkpoint(settings.model)
     cfg = ckpt.config
     dtype = settings.compute_dtype(cfg.checkpoint_dtype)
@@ -42,14 +45,18 @@ def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
     config = EngineConfig(settings.max_batch_seqs, settings.max_batch_tokens, settings.max_waiting)
     text = TextCodec.from_dir(settings.model)
     eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids
-    engine = Engine(DenseModel.from_checkpoint(ckpt, dtype), routed, config, text, eos_ids)
+    engine = Engine(DenseModel.from_checkpoint(ckpt, dtype), routed, config, text, eos_ids, controls.output)
     return engine, ckpt
 
 
-def conversations(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, limits: Limits) -> Conversations | None:
-    """Sessions in Redis, when a Redis URL is configured (connections open lazily, and reopen)."""
+def conversations(
+    settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, limits: Limits, controls: ContentControls | None = None
+) -> Conversations | None:
+    """Sessions in Redis, when a Redis URL is configured (connections open lazily, and reopen), with the input
+    filter of `controls` (default: that of `settings.input_filter`)."""
     if not settings.redis:
         return None
+    controls = controls or load_controls(settings.input_filter)
     # One immediate retry (a connection Redis dropped); waiting for Redis to come back is up to the
     # callers (a finished turn's save retries), so a hung Redis costs a call seconds, not a minute.
     client = redis.Redis.from_url(
@@ -67,11 +74,14 @@ def conversations(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, l
         limits,
         settings.max_session_turns,
         settings.max_session_tokens or limits.max_context,
+        controls.input,
+        settings.system_prompt,
     )
 
 
 def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
-    engine, ckpt = build_engine(settings)
+    controls = load_controls(settings.input_filter)
+    engine, ckpt = build_engine(settings, controls)
     cfg = ckpt.config
     limits = Limits(
         vocab_size=cfg.vocab_size,
@@ -80,7 +90,8 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
         max_new_tokens_limit=settings.max_new_tokens_limit,
     )
     service = Service("gateway", settings.host, settings.port, workers=settings.workers)
-    servicer = GatewayServicer(engine, conversations(settings, engine, ckpt, limits), limits, cfg, ckpt.dir.name)
+    sessions = conversations(settings, engine, ckpt, limits, controls)
+    servicer = GatewayServicer(engine, sessions, limits, cfg, ckpt.dir.name, controls.input)
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, service.server)
     names = (
         gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,

@@ -11,6 +11,7 @@ from moemesh.rpc import map_errors
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import requests
 from services.gateway.chat import Conversations
+from services.gateway.content.input_filter import InputFilter
 from services.gateway.engine import Engine, Sequence
 
 ANONYMOUS = "anonymous"  # the owner of every session until API keys exist
@@ -24,8 +25,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         limits: requests.Limits,
         cfg: ModelConfig,
         model_name: str,
+        input_filter: InputFilter,
     ):
         self.engine, self.conversations, self.limits = engine, conversations, limits
+        self.input_filter = input_filter
         self.info = gateway_pb2.ModelInfo(
             model_name=model_name,
             model_type=cfg.model_type,
@@ -55,7 +58,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def Chat(self, request: gateway_pb2.ChatRequest, context) -> Iterator[gateway_pb2.GenerateResponse]:
         turn = self._sessions().turn(
             request.session_id, list(request.messages), request.sampling, ANONYMOUS, context.add_callback,
-            client_deadline(context),
+            client_deadline(context), allow_system=True,
         )  # fmt: skip
         for output in turn:
             yield output.to_pb()
@@ -74,6 +77,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return self.conversations
 
     def _submit(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext) -> Sequence:
+        if request.prompt and not request.prompt_token_ids:  # token ids are taken as they are
+            request.prompt = self.input_filter.apply("prompt", request.prompt)
         seq = self.engine.submit(
             requests.from_pb(request, self.engine.text, self.limits), None, client_deadline(context)
         )
