@@ -19,7 +19,9 @@ Levels:
 import re
 import unicodedata
 from bisect import bisect_left
+from collections.abc import Collection
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 Level = Literal["exact", "normalized", "collapsed"]
@@ -31,10 +33,10 @@ _IGNORABLE = re.compile(
 )
 # Combining diacritical marks left over once NFKC has composed what it can ("q̃").
 _MARKS = re.compile("[\u0300-\u036f\u0483-\u0489\u1ab0-\u1aff\u1dc0-\u1dff\u20d0-\u20ff\ufe20-\ufe2f]")
-_NON_ASCII = re.compile(r"[^\x00-\x7f]+")
 # Three or more single letters, each separated from the next by 1-3 spaces or punctuation marks.
 _RUN = re.compile(r"(?<!\w)[^\W\d_](?:[^\w\n]{1,3}[^\W\d_](?!\w)){2,}")
 _LETTER = re.compile(r"[^\W\d_]")
+_SMALL_CHUNK = 8  # characters normalized one by one rather than halved further
 
 # Look-alikes (after case folding) of Latin letters, from the Cyrillic, Greek and IPA blocks.
 HOMOGLYPHS = {
@@ -61,20 +63,25 @@ def _fold_table() -> dict[int, str]:
 
 
 _FOLD = _fold_table()
+# The characters _FOLD maps, to replace only those (a dict lookup for every character costs more).
+_FOLDABLE = re.compile("[" + "".join(re.escape(chr(code)) for code in sorted(_FOLD)) + "]")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class View:
-    """`text` as rules see it. Character i came from `source[starts[i]:ends[i]]` (None: from `source[i]`);
-    `runs` are the spans of joined single-letter runs (collapsed level)."""
+    """`text` as rules see it. Character i came from `source[starts[i]:ends[i]]` (None: from `source[i]`),
+    unless not `positioned` (built without positions, which only a redaction needs); `runs` are the spans
+    of joined single-letter runs (collapsed level)."""
 
     text: str
     starts: list[int] | None = None
     ends: list[int] | None = None
     runs: tuple[tuple[int, int], ...] = ()
+    positioned: bool = True
 
     def original(self, start: int, end: int) -> tuple[int, int]:
         """The span of the source behind `text[start:end]` (start < end)."""
+        assert self.positioned, "a view built without positions"
         if self.starts is None:
             return start, end
         return self.starts[start], self.ends[end - 1]
@@ -90,11 +97,24 @@ class View:
         return offset if self.starts is None else bisect_left(self.starts, offset)
 
 
-def view(text: str, level: Level) -> View:
-    if level == "exact":
-        return View(text)
-    normalized = _normalized(text)
-    return normalized if level == "normalized" else _collapsed(normalized)
+def view(text: str, level: Level, positioned: bool = True) -> View:
+    """`text` at `level`; without `positioned`, text that NFKC changes is normalized whole, in C, instead of
+    piece by piece."""
+    return views(text, (level,), positioned)[level]
+
+
+def views(text: str, levels: Collection[Level], positioned: bool = True) -> dict[Level, View]:
+    """`text` at each of `levels`, normalizing once for both the normalized and the collapsed level."""
+    found: dict[Level, View] = {}
+    if "exact" in levels:
+        found["exact"] = View(text)
+    if "normalized" in levels or "collapsed" in levels:
+        normalized = _normalized(text, positioned)
+        if "normalized" in levels:
+            found["normalized"] = normalized
+        if "collapsed" in levels:
+            found["collapsed"] = _collapsed(normalized)
+    return found
 
 
 def _stable(text: str) -> bool:
@@ -106,57 +126,64 @@ def _stable(text: str) -> bool:
     )
 
 
-def _normalized(text: str) -> View:
+def _normalized(text: str, positioned: bool) -> View:
     if text.isascii():
         return View(text.lower())
     if _stable(text):
         return View(text.casefold())
+    if not positioned:
+        return View(_IGNORABLE.sub("", unicodedata.normalize("NFKC", text).casefold()), positioned=False)
     chars: list[str] = []
     starts: list[int] = []
     ends: list[int] = []
-    done = 0
-    for match in _NON_ASCII.finditer(text):
-        start, end = match.span()
-        if start > done and unicodedata.combining(text[start]):  # the ASCII letter it combines with
-            start -= 1
-        chars.append(text[done:start].lower())
-        starts.extend(range(done, start))
-        ends.extend(range(done + 1, start + 1))
-        _normalize_chunk(text, start, end, chars, starts, ends)
-        done = end
-    chars.append(text[done:].lower())
-    starts.extend(range(done, len(text)))
-    ends.extend(range(done + 1, len(text) + 1))
+    _normalize_chunk(text, 0, len(text), chars, starts, ends)
     return View("".join(chars), starts, ends)
 
 
 def _normalize_chunk(text: str, start: int, end: int, chars: list[str], starts: list[int], ends: list[int]) -> None:
+    """Normalizes `text[start:end]`, halving it until the parts that only need case folding show (a few
+    fullwidth commas in a long run of CJK cost a few halvings, not a Python step per character)."""
     chunk = text[start:end]
     if _stable(chunk):
         chars.append(chunk.casefold())
         starts.extend(range(start, end))
         ends.extend(range(start + 1, end + 1))
         return
+    middle = (start + end) // 2
+    while middle < end and unicodedata.combining(text[middle]):  # never split a character from its marks
+        middle += 1
+    if end - start > _SMALL_CHUNK and middle < end:
+        _normalize_chunk(text, start, middle, chars, starts, ends)
+        _normalize_chunk(text, middle, end, chars, starts, ends)
+        return
     i = start
     while i < end:  # one character with the combining marks that follow it, which NFKC may compose
         j = i + 1
         while j < end and unicodedata.combining(text[j]):
             j += 1
-        out = _IGNORABLE.sub("", unicodedata.normalize("NFKC", text[i:j]).casefold())
+        out = _cluster_form(text[i:j])
         chars.append(out)
         starts.extend([i] * len(out))
         ends.extend([j] * len(out))
         i = j
 
 
+@lru_cache(maxsize=4096)
+def _cluster_form(cluster: str) -> str:
+    """A character with its combining marks, normalized (cached: texts reuse few distinct characters)."""
+    return _IGNORABLE.sub("", unicodedata.normalize("NFKC", cluster).casefold())
+
+
 def _collapsed(normalized: View) -> View:
-    text = normalized.text.translate(_FOLD)
+    text = normalized.text
     keep = None
-    if not text.isascii() and _MARKS.search(text):
-        keep = [i for i, c in enumerate(text) if not _MARKS.match(c)]
+    if not text.isascii():
+        text = _FOLDABLE.sub(lambda m: _FOLD[ord(m.group())], text)
+        if _MARKS.search(text):
+            keep = [i for i, c in enumerate(text) if not _MARKS.match(c)]
     runs_found = list(_RUN.finditer(text if keep is None else "".join(text[i] for i in keep)))
     if keep is None and not runs_found:
-        return View(text, normalized.starts, normalized.ends)
+        return View(text, normalized.starts, normalized.ends, positioned=normalized.positioned)
     if keep is None:
         keep = list(range(len(text)))
     runs = []
@@ -169,6 +196,9 @@ def _collapsed(normalized: View) -> View:
             runs.append((first, len(kept)))
             done = run.end()
         keep = kept + keep[done:]
+    text = "".join(text[i] for i in keep)
+    if not normalized.positioned:
+        return View(text, runs=tuple(runs), positioned=False)
     starts = keep if normalized.starts is None else [normalized.starts[i] for i in keep]
     ends = [i + 1 for i in keep] if normalized.ends is None else [normalized.ends[i] for i in keep]
-    return View("".join(text[i] for i in keep), starts, ends, tuple(runs))
+    return View(text, starts, ends, tuple(runs))

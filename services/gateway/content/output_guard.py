@@ -9,7 +9,7 @@ regex may still grow), so it waits for more text, or for the end of the generati
 
 from collections.abc import Sequence
 
-from services.gateway.content.normalize import Level, view
+from services.gateway.content.normalize import Level, views
 from services.gateway.content.rules import Rule
 
 # Source characters before the unsent text that each scan also reads.
@@ -32,8 +32,9 @@ class OutputGuard:
         start = max(0, sent - CONTEXT)
         window = text[start:end]
         safe, first, rule = end, end, None
+        seen_at = views(window, self.by_level)
         for level, rules in self.by_level.items():
-            seen = view(window, level)
+            seen = seen_at[level]
             pos = seen.index(sent - start)
             for candidate in rules:
                 for span in candidate.matches(seen, pos):
