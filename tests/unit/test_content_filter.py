@@ -233,3 +233,21 @@ def test_unreadable_rules_file_is_a_config_error(tmp_path):
     for path in (tmp_path / "bad.yaml", tmp_path / "missing.yaml"):
         with pytest.raises(ConfigError, match="content rules"):
             load_controls(path)
+
+
+def test_long_texts_find_the_same_matches_as_short_ones():
+    """Long texts take the word prefilter and views without positions; the answer must not change."""
+    filler = "Plain words about bicycles and their care. " * 10  # past the prefilter's length
+    rules = [
+        words_rule("list", ["ref", "refund", "refunds", "credit card", "bıtcoin"], "exact", "block", ""),
+        words_rule("folded", ["scam"], "collapsed", "redact", "[x]"),
+    ]
+    for tail in ("a REFUND", "the refunds", "ref.", "Credit -Card", "BITCOIN", "bitcoin"):
+        with pytest.raises(InvalidArgument, match="'list'"):
+            InputFilter(rules).apply("prompt", filler + tail)
+        with pytest.raises(InvalidArgument, match="'list'"):
+            InputFilter(rules).apply("prompt", tail)
+    for tail in ("refundable", "prefund", "credit cards"):
+        assert InputFilter(rules).apply("prompt", filler + tail) == filler + tail
+    text = filler + "ﬁne ＳＣＡＭ, a s c a m, 𝐬𝐜𝐚𝐦! Straße"
+    assert InputFilter(rules).apply("prompt", text) == filler + "ﬁne [x], a [x], [x]! Straße"
