@@ -17,6 +17,12 @@ class InvalidArgument(MoemeshError):
     code = grpc.StatusCode.INVALID_ARGUMENT
 
 
+class PermissionDenied(MoemeshError):
+    """The caller may not do this (e.g. send system messages)."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
 class NotFound(MoemeshError):
     code = grpc.StatusCode.NOT_FOUND
 
@@ -64,7 +70,7 @@ class CheckpointError(MoemeshError):
 
 
 class ConfigError(MoemeshError):
-    """A setting or file the service was started with cannot be used (a certificate, a key file)."""
+    """A setting or file the service was started with cannot be used (a certificate, a key file, a rules file)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
 
@@ -73,6 +79,7 @@ _BY_CODE: dict[grpc.StatusCode, type[MoemeshError]] = {
     cls.code: cls
     for cls in (
         InvalidArgument,
+        PermissionDenied,
         NotFound,
         Aborted,
         ResourceExhausted,

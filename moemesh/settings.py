@@ -125,6 +125,12 @@ class GatewaySettings(ServiceSettings):
     session_lock_ttl_s: float = Field(
         6.0, description="expiry of a session's turn lock, renewed while the turn runs (frees a crashed gateway's)"
     )
+    system_prompt: str = Field(
+        "", description="the deployment's system prompt, first in every chat (before a client's); empty: none"
+    )
+    input_filter: Path | None = Field(
+        None, description="content rules file (YAML or JSON): input rules, PII redaction and output rules"
+    )
 
 
 def add_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:

@@ -3,11 +3,13 @@
 import time
 from collections.abc import Callable, Iterator
 
-from moemesh.errors import Aborted, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from moemesh.errors import Aborted, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from moemesh.model import KVCache
 from moemesh.v1 import gateway_pb2
 from services.gateway import requests
+from services.gateway.chat_encoding import ChatEncoder
 from services.gateway.chat_template import ChatTemplate
+from services.gateway.content.input_filter import InputFilter
 from services.gateway.engine import Engine
 from services.gateway.kv_store import KVStore
 from services.gateway.requests import StepOutput
@@ -28,9 +30,15 @@ class Conversations:
         limits: requests.Limits,
         max_turns: int,
         max_tokens: int,
+        input_filter: InputFilter | None = None,
+        system_prompt: str = "",
     ):
+        """`system_prompt`: the deployment's, first in every rendered conversation (not stored in sessions)."""
         self.engine, self.store, self.kv, self.template, self.limits = engine, store, kv, template, limits
+        self.encoder = ChatEncoder(template, engine.text) if template and engine.text else None
         self.max_turns, self.max_tokens = max_turns, max_tokens
+        self.input_filter = input_filter or InputFilter()
+        self.system_prompt = system_prompt
 
     def turn(
         self,
@@ -40,14 +48,20 @@ class Conversations:
         owner: str,
         on_cancel: Callable[[Callable[[], None]], object],
         deadline: float | None = None,
+        *,
+        allow_system: bool = True,
     ) -> Iterator[StepOutput]:
         """Streams the reply to `messages`; the session is saved only when the turn completes.
 
-        If the finished turn cannot be saved, the client still gets the whole reply, then the error.
+        The messages' contents pass the input filter first: the session stores them as filtered. If the
+        finished turn cannot be saved, the client still gets the whole reply, then the error.
+        `allow_system`: whether the caller may send system messages.
         """
-        if self.template is None or self.engine.text is None:
+        if self.encoder is None:
             raise InvalidArgument("messages: this model has no chat template; use Generate")
-        new_messages = _check_messages(messages)
+        new_messages = _check_messages(messages, allow_system)
+        for i, message in enumerate(new_messages):
+            message["content"] = self.input_filter.apply(f"messages[{i}].content", message["content"])
         new_session = not session_id
         session_id = session_id or self.store.new_id()
         with self.store.turn_lock(session_id) as lock:
@@ -57,7 +71,7 @@ class Conversations:
                     f"session_id: session {session_id!r} reached its limit of {self.max_turns} turns"
                 )
             history = state.messages + new_messages
-            prompt = self.engine.text.encode(self.template.render(history, add_generation_prompt=True))
+            prompt = self.encoder.encode(self._with_system_prompt(history), add_generation_prompt=True)
             if len(prompt) > self.max_tokens:
                 raise ResourceExhausted(
                     f"session_id: the conversation is {len(prompt)} tokens, over the session limit of {self.max_tokens}"
@@ -84,6 +98,15 @@ class Conversations:
                             "the next turn continues from the last saved turn"
                         ) from None
                 yield output
+
+    def _with_system_prompt(self, history: list[dict[str, str]]) -> list[dict[str, str]]:
+        """The deployment's system prompt first; a client's leading system message joins it (after a blank
+        line), since many templates take only one system message, at the start."""
+        if not self.system_prompt:
+            return history
+        if history and history[0]["role"] == "system":
+            return [{"role": "system", "content": f"{self.system_prompt}\n\n{history[0]['content']}"}, *history[1:]]
+        return [{"role": "system", "content": self.system_prompt}, *history]
 
     def _save_turn(self, lock: TurnLock, state: SessionState, cache: KVCache, cached: int) -> None:
         """Saves the KV chunks, then the session, retrying while Redis is unreachable.
@@ -131,10 +154,12 @@ class Conversations:
         return True
 
 
-def _check_messages(messages: list[gateway_pb2.Message]) -> list[dict[str, str]]:
+def _check_messages(messages: list[gateway_pb2.Message], allow_system: bool) -> list[dict[str, str]]:
     if not messages:
         raise InvalidArgument("messages: empty; send at least one message")
     for i, m in enumerate(messages):
         if m.role not in ROLES:
             raise InvalidArgument(f"messages[{i}].role: {m.role!r} is not one of {', '.join(ROLES)}")
+        if m.role == "system" and not allow_system:
+            raise PermissionDenied(f"messages[{i}].role: this client may not send system messages")
     return [{"role": m.role, "content": m.content} for m in messages]

@@ -22,6 +22,7 @@ import torch
 from moemesh.errors import Cancelled, DeadlineExceeded, InvalidArgument, MoemeshError, ResourceExhausted, Unavailable
 from moemesh.model import DenseModel, KVCache, RoutedExperts, SequenceSlice, StepBatch
 from services.gateway import metrics
+from services.gateway.content.output_guard import OutputGuard
 from services.gateway.requests import GenerationRequest, StepOutput
 from services.gateway.sampling import sample
 from services.gateway.text import TextCodec, TextStream
@@ -44,6 +45,8 @@ class Sequence:
         self.sampling = request.sampling
         self.text = text
         self.output_ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.sent = 0  # output tokens already sent (see `TextStream.released`)
         self.cache = cache
         self.cached = cache.length if cache else 0  # prompt tokens whose keys/values came precomputed
         self.computed = self.cached  # tokens whose keys/values are in the cache
@@ -93,8 +96,10 @@ class Engine:
         config: EngineConfig,
         text: TextCodec | None,
         eos_ids: tuple[int, ...],
+        guard: OutputGuard | None = None,
     ):
-        self.model, self.routed, self.config, self.text = model, routed, config, text
+        """`guard`: the output rules every generation's text is checked against while it streams."""
+        self.model, self.routed, self.config, self.text, self.guard = model, routed, config, text, guard
         self.eos_ids = set(eos_ids)
         self.dtype = model.embed_tokens.weight.dtype
         self.running: list[Sequence] = []
@@ -126,7 +131,7 @@ class Engine:
     ) -> Sequence:
         """Queues a request; `cache` (from `new_cache`) may hold keys/values of a prompt prefix already;
         `deadline` (time.monotonic()) is the client's, which the internal calls of its steps inherit."""
-        seq = Sequence(request, TextStream(self.text, request.sampling.stop), cache, deadline)
+        seq = Sequence(request, TextStream(self.text, request.sampling.stop, self.guard), cache, deadline)
         with self._wakeup:
             if len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(f"waiting queue is full ({self.config.max_waiting} requests); retry later")
@@ -227,22 +232,29 @@ class Engine:
 
     def _advance(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.output_ids.append(token)
-        out = StepOutput(token_ids=[token], logprobs=[logprob] if seq.sampling.return_logprobs else [])
+        seq.logprobs.append(logprob)
+        out = StepOutput()
         if token in self.eos_ids:
-            out.finish_reason = "eos"
+            out.text, filtered = seq.text.flush(eos=token)
+            out.finish_reason = filtered or "eos"
         else:
-            out.text, stopped = seq.text.add(token)
-            if stopped:
-                out.finish_reason = "stop"
-            elif len(seq.output_ids) >= seq.sampling.max_new_tokens:
-                out.finish_reason = "length"
+            out.text, out.finish_reason = seq.text.add(token)
+            if not out.finish_reason and len(seq.output_ids) >= seq.sampling.max_new_tokens:
+                rest, filtered = seq.text.flush()
+                out.text += rest
+                out.finish_reason = filtered or "length"
+        released = seq.text.released  # tokens whose text has been sent (all of them without output rules)
+        out.token_ids = seq.output_ids[seq.sent : released]
+        if seq.sampling.return_logprobs:
+            out.logprobs = seq.logprobs[seq.sent : released]
+        seq.sent = released
         if out.finish_reason:
-            if out.finish_reason != "stop":
-                out.text += seq.text.flush()
             out.prompt_tokens, out.completion_tokens = len(seq.prompt_ids), len(seq.output_ids)
             out.cached_tokens = seq.cached
             with self._wakeup:
                 self.running.remove(seq)  # its cache stays with the caller, which may store it for the session
+        elif not out.token_ids and not out.text:
+            return  # everything new is held back by the output rules
         seq.emit(out)
 
     def _fail(self, seqs: list[Sequence], error: MoemeshError) -> None:

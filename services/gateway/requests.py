@@ -126,7 +126,7 @@ def _prompt_from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, li
             raise InvalidArgument(f"prompt: {len(msg.prompt)} characters, over the limit of {limits.max_prompt_chars}")
         if text is None:
             raise InvalidArgument("prompt: this model has no tokenizer.json; send prompt_token_ids instead")
-        prompt_ids = text.encode(msg.prompt)
+        prompt_ids = text.encode_data(msg.prompt)  # control-token text in a prompt stays text
     else:
         raise InvalidArgument("prompt: empty; set prompt or prompt_token_ids")
     return prompt_ids

@@ -18,6 +18,7 @@ from moemesh.telemetry import serve_metrics
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.chat import Conversations
 from services.gateway.chat_template import ChatTemplate, eos_token_ids
+from services.gateway.content.config import ContentControls, load_controls
 from services.gateway.engine import Engine, EngineConfig
 from services.gateway.keys import Authenticator, KeyFile, KeyStore, RedisKeys
 from services.gateway.kv_store import KVStore, load_client
@@ -31,8 +32,10 @@ from services.gateway.text import TextCodec
 HEALTH_THREADS = 32  # server threads beyond the Gateway calls' limit: health checks and reflection always get one
 
 
-def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
-    """The engine over the dense model, with the experts behind the router or, without one, in-process."""
+def build_engine(settings: GatewaySettings, controls: ContentControls | None = None) -> tuple[Engine, Checkpoint]:
+    """The engine over the dense model, with the experts behind the router or, without one, in-process, and
+    the output rules of `controls` (default: those of `settings.input_filter`)."""
+    controls = controls or load_controls(settings.input_filter)
     ckpt = Checkpoint(settings.model)
     cfg = ckpt.config
     dtype = settings.compute_dtype(cfg.checkpoint_dtype)
@@ -51,7 +54,7 @@ def build_engine(settings: GatewaySettings) -> tuple[Engine, Checkpoint]:
     config = EngineConfig(settings.max_batch_seqs, settings.max_batch_tokens, settings.max_waiting)
     text = TextCodec.from_dir(settings.model)
     eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids
-    engine = Engine(DenseModel.from_checkpoint(ckpt, dtype), routed, config, text, eos_ids)
+    engine = Engine(DenseModel.from_checkpoint(ckpt, dtype), routed, config, text, eos_ids, controls.output)
     return engine, ckpt
 
 
@@ -65,12 +68,19 @@ def redis_client(settings: GatewaySettings) -> redis.Redis | None:
 
 
 def conversations(
-    settings: GatewaySettings, engine: Engine, ckpt: Checkpoint, limits: Limits, client: redis.Redis | None = None
+    settings: GatewaySettings,
+    engine: Engine,
+    ckpt: Checkpoint,
+    limits: Limits,
+    controls: ContentControls | None = None,
+    client: redis.Redis | None = None,
 ) -> Conversations | None:
-    """Sessions in Redis, when a Redis URL is configured (through `client`, or a client of their own)."""
+    """Sessions in Redis, when a Redis URL is configured (through `client`, or a client of their own), with
+    the input filter of `controls` (default: that of `settings.input_filter`)."""
     client = client or redis_client(settings)
     if client is None:
         return None
+    controls = controls or load_controls(settings.input_filter)
     loads = load_client(settings.redis, settings.tls())
     cfg = ckpt.config
     tag = f"{ckpt.fingerprint}:{str(engine.dtype).removeprefix('torch.')}"
@@ -84,6 +94,8 @@ def conversations(
         limits,
         settings.max_session_turns,
         settings.max_session_tokens or limits.max_context,
+        controls.input,
+        settings.system_prompt,
     )
 
 
@@ -101,7 +113,8 @@ def key_store(settings: GatewaySettings, client: redis.Redis | None) -> KeyStore
 
 
 def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
-    engine, ckpt = build_engine(settings)
+    controls = load_controls(settings.input_filter)
+    engine, ckpt = build_engine(settings, controls)
     cfg = ckpt.config
     limits = Limits(
         vocab_size=cfg.vocab_size,
@@ -123,8 +136,8 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     )  # fmt: skip
     client = redis_client(settings)
     servicer = GatewayServicer(
-        engine, conversations(settings, engine, ckpt, limits, client), limits, cfg, ckpt.dir.name,
-        Authenticator(key_store(settings, client)), Quotas(client, settings.session_ttl_s),
+        engine, conversations(settings, engine, ckpt, limits, controls, client), limits, cfg, ckpt.dir.name,
+        controls.input, Authenticator(key_store(settings, client)), Quotas(client, settings.session_ttl_s),
         settings.max_concurrent_requests,
     )  # fmt: skip
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, service.server)

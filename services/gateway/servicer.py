@@ -14,6 +14,7 @@ from moemesh.rpc import map_errors
 from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway import requests
 from services.gateway.chat import Conversations
+from services.gateway.content.input_filter import InputFilter
 from services.gateway.engine import Engine
 from services.gateway.keys import Authenticator, KeyInfo
 from services.gateway.quotas import Quotas
@@ -28,12 +29,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         limits: requests.Limits,
         cfg: ModelConfig,
         model_name: str,
+        input_filter: InputFilter,
         auth: Authenticator,
         quotas: Quotas,
         max_concurrent: int,
     ):
         self.engine, self.conversations, self.limits = engine, conversations, limits
-        self.auth, self.quotas, self.max_concurrent = auth, quotas, max_concurrent
+        self.input_filter, self.auth, self.quotas, self.max_concurrent = input_filter, auth, quotas, max_concurrent
         self._slots = threading.BoundedSemaphore(max_concurrent)
         self.info = gateway_pb2.ModelInfo(
             model_name=model_name,
@@ -73,7 +75,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self.quotas.admit(key)
             turn = conversations.turn(
                 request.session_id, list(request.messages), request.sampling, key.id, context.add_callback,
-                client_deadline(context),
+                client_deadline(context), allow_system=key.allow_system,
             )  # fmt: skip
             used = 0
             try:
@@ -116,6 +118,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             self._slots.release()
 
     def _generate(self, request, context: grpc.ServicerContext, key: KeyInfo) -> Iterator[StepOutput]:
+        if request.prompt and not request.prompt_token_ids and len(request.prompt) <= self.limits.max_prompt_chars:
+            request.prompt = self.input_filter.apply("prompt", request.prompt)  # token ids are taken as they are
         parsed = requests.from_pb(request, self.engine.text, self.limits)
         self.quotas.admit(key)
         seq = self.engine.submit(parsed, None, client_deadline(context))

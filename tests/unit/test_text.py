@@ -21,9 +21,10 @@ def feed(stream: TextStream, ids: list[int]) -> tuple[list[str], int | None]:
     """Adds ids one at a time; returns every delta and the index of the token that hit a stop (or None)."""
     deltas = []
     for i, token in enumerate(ids):
-        delta, stopped = stream.add(token)
+        delta, finish = stream.add(token)
         deltas.append(delta)
-        if stopped:
+        if finish:
+            assert finish == "stop"
             return deltas, i
     return deltas, None
 
@@ -40,7 +41,7 @@ def test_multibyte_characters_split_over_tokens_are_never_half_emitted(codec):
     deltas, stopped_at = feed(stream, ids)
     assert stopped_at is None
     assert all("\ufffd" not in d for d in deltas), deltas
-    rest = stream.flush()
+    rest, _ = stream.flush()
     assert "".join(deltas) + rest == codec.decode(ids) == MIXED
     assert rest == ""  # nothing was held back at the end of complete text without stop strings
 
@@ -51,7 +52,7 @@ def test_multibyte_text_with_a_stop_string_that_never_completes(codec):
     deltas, stopped_at = feed(stream, ids)
     assert stopped_at is None
     assert all("\ufffd" not in d for d in deltas)
-    assert "".join(deltas) + stream.flush() == MIXED
+    assert "".join(deltas) + stream.flush()[0] == MIXED
 
 
 def test_multibyte_stop_string(codec):
@@ -119,14 +120,14 @@ def test_prefix_of_a_stop_string_is_held_back_then_released(codec):
     stream = TextStream(codec, ("abcd",))
     emitted = []
     for token in ids:
-        delta, stopped = stream.add(token)
-        assert not stopped
+        delta, finish = stream.add(token)
+        assert not finish
         emitted.append("".join(emitted[-1:]) + delta if emitted else delta)
     decoded = [codec.decode(ids[: i + 1]) for i in range(len(ids))]
     at_abc = decoded.index("I like abc")
     assert emitted[at_abc] == "I like "  # 'abc' could still become 'abcd'
     assert emitted[at_abc + 1] == "I like abc and"  # ' and' shows it is not: released
-    assert emitted[-1] + stream.flush() == text
+    assert emitted[-1] + stream.flush()[0] == text
 
 
 def test_held_back_prefix_is_released_by_flush(codec):
@@ -135,8 +136,8 @@ def test_held_back_prefix_is_released_by_flush(codec):
     deltas, stopped_at = feed(stream, codec.encode(text))
     assert stopped_at is None
     assert "".join(deltas) == "I like "
-    assert stream.flush() == "abc"
-    assert stream.flush() == ""  # nothing is returned twice
+    assert stream.flush() == ("abc", "")
+    assert stream.flush() == ("", "")  # nothing is returned twice
 
 
 def test_earlier_partial_match_is_released_and_the_later_full_match_stops(codec):
@@ -162,5 +163,5 @@ def test_self_overlapping_stop_string():
 
 def test_without_a_codec_no_text():
     stream = TextStream(None, ("x",))
-    assert stream.add(5) == ("", False)
-    assert stream.flush() == ""
+    assert stream.add(5) == ("", "")
+    assert stream.flush() == ("", "")
