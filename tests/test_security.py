@@ -271,3 +271,15 @@ def test_keys_command_adds_lists_and_revokes(tmp_path):
     bad = keys("add", "other", "requests_per_minute=lots")
     assert bad.returncode != 0 and "needs a whole number" in bad.stderr and "Traceback" not in bad.stderr
     assert keys("revoke", "svc").returncode == 0 and keys("list").stdout == ""
+
+
+def test_only_keys_that_allow_it_send_system_messages(mixtral_dir, tmp_path, redis_server):
+    store = KeyFile(tmp_path / "keys")
+    plain, trusted = store.add(parse_fields("plain", [])), store.add(parse_fields("trusted", ["allow_system=true"]))
+    messages = [gateway_pb2.Message(role="system", content="Be terse."), gateway_pb2.Message(role="user", content="Hi")]
+    request = gateway_pb2.ChatRequest(messages=messages, sampling=P(max_new_tokens=2))
+    with gateway(mixtral_dir, api_keys=str(store.path), redis=redis_server.url) as stub:
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Chat(request, timeout=60, metadata=bearer(plain)))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "messages[0]" in info.value.details()
+        assert list(stub.Chat(request, timeout=60, metadata=bearer(trusted)))[-1].finish_reason
