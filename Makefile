@@ -5,6 +5,9 @@ STAMP := .venv/.installed
 
 install: protos
 	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
+# promtool (tests/test_observability_config.py) comes with Debian's prometheus package; its daemon is not wanted.
+	command -v promtool >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
+		&& { ! command -v systemctl >/dev/null || systemctl disable --now prometheus >/dev/null 2>&1 || true; })
 
 $(PYTHON):
 	python3 -m venv .venv
