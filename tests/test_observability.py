@@ -100,9 +100,8 @@ def test_gateway_metrics_count_every_call_and_log_one_json_line_each(mixtral_dir
             metadata=auth, timeout=60,
         ))  # fmt: skip
         with pytest.raises(grpc.RpcError) as bad:
-            stub.Generate(
-                gateway_pb2.GenerateRequest(prompt=SECRET_PROMPT, sampling=P(max_new_tokens=0)), metadata=auth, timeout=30
-            )
+            invalid = gateway_pb2.GenerateRequest(prompt=SECRET_PROMPT, sampling=P(max_new_tokens=0))
+            stub.Generate(invalid, metadata=auth, timeout=30)
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         with pytest.raises(grpc.RpcError) as anonymous:
             stub.Generate(gateway_pb2.GenerateRequest(prompt=SECRET_PROMPT), timeout=30)
@@ -125,9 +124,12 @@ def test_gateway_metrics_count_every_call_and_log_one_json_line_each(mixtral_dir
         deadline = time.monotonic() + 10
         while True:
             after = scrape(metrics_address)
-            settled = value(after, "moemesh_num_requests_running") == 0 and value(
-                after, "moemesh_requests_total", method="GenerateStream", code="CANCELLED"
-            ) - value(before, "moemesh_requests_total", method="GenerateStream", code="CANCELLED") == 1
+            settled = (
+                value(after, "moemesh_num_requests_running") == 0
+                and value(after, "moemesh_requests_total", method="GenerateStream", code="CANCELLED")
+                - value(before, "moemesh_requests_total", method="GenerateStream", code="CANCELLED")
+                == 1
+            )
             if settled:
                 break
             assert time.monotonic() < deadline, "the cancelled stream was not counted or is still running"
@@ -231,7 +233,8 @@ def test_every_service_exports_metrics_matching_the_traffic(cluster):
         assert sum(delta(a, b, "moemesh_expert_call_seconds_count", layer=layer)
                    for a, b in zip(experts0, experts1)) > 0  # fmt: skip
     assert delta(router0, router1, "moemesh_router_replica_call_seconds_count") > 0
-    replicas = {dict(labels)["replica"] for name, labels in router1 if name == "moemesh_router_replica_call_seconds_count"}
+    calls = "moemesh_router_replica_call_seconds_count"
+    replicas = {dict(labels)["replica"] for name, labels in router1 if name == calls}
     assert replicas == set(cluster.experts)
     assert delta(router0, router1, "moemesh_router_replica_failures_total") == 0
     for samples in experts1:
