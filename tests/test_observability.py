@@ -192,7 +192,10 @@ def test_readiness_turns_not_serving_when_the_engine_thread_dies(mixtral_dir):
             assert time.monotonic() < deadline, "the fault hook did not kill the engine thread"
             time.sleep(0.02)
         assert wait_health(channel, "moemesh.v1.Gateway", NOT_SERVING, 2.0) <= 2.0
-        assert health(channel, "") == SERVING  # alive: a restart is not what fixes it, but it is not ready
+        assert health(channel, "") == SERVING  # the process answers; it is not ready
+        with pytest.raises(grpc.RpcError) as refused:  # new work is refused rather than left hanging
+            stub.Generate(gateway_pb2.GenerateRequest(prompt_token_ids=[1, 2]), timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 @pytest.mark.timeout(300)

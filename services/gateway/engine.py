@@ -155,6 +155,8 @@ class Engine:
         `deadline` (time.monotonic()) is the client's, which the internal calls of its steps inherit."""
         seq = Sequence(request, TextStream(self.text, request.sampling.stop, self.guard), cache, deadline)
         with self._wakeup:
+            if self._thread.ident is not None and not self._thread.is_alive() and not self._stopped:
+                raise Unavailable("the gateway's engine is not running; retry on another replica")
             if len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(f"waiting queue is full ({self.config.max_waiting} requests); retry later")
             self._waiting.append(seq)
