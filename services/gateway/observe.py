@@ -63,9 +63,11 @@ class CallRecord:
     completion_tokens: int = 0
     cached_tokens: int = 0
     first_token_at: float | None = None
+    trace_id: str = ""  # the call's trace, taken as soon as a span is current (see `saw`, `finish`)
 
     def saw(self, output: StepOutput) -> None:
         """Takes the times and counts of one of the call's outputs."""
+        self.trace_id = self.trace_id or trace_id()
         if self.first_token_at is None and output.token_ids:
             self.first_token_at = time.monotonic()
         if output.finish_reason:
@@ -76,7 +78,7 @@ class CallRecord:
         metrics.REQUESTS.labels(method=self.method, code=code).inc()
         now = time.monotonic()
         line = {
-            "trace_id": trace_id(),
+            "trace_id": self.trace_id or trace_id(),
             "key_id": self.key_id,
             "method": self.method,
             "code": code,
@@ -110,7 +112,7 @@ def _code(exc: BaseException) -> str:
 def observed(method_name: str) -> Callable[[Callable], Callable]:
     def wrap(method: Callable) -> Callable:
         def begin(context) -> CallRecord:
-            rec = CallRecord(method_name)
+            rec = CallRecord(method_name, trace_id=trace_id())
             with _lock:
                 _records[id(context)] = rec
             return rec
