@@ -261,7 +261,7 @@ def _start(cluster: Cluster, spec: ClusterSpec, redis_dir: Path) -> tuple[Child,
         except FileNotFoundError:
             raise ClusterError("redis-server not found: run `make install` or pass --redis URL") from None
         supervised.append(service)
-    expert_flags = common | {"port": 0, "quantize": spec.quantize, "registry": redis_url}
+    expert_flags = common | {"port": 0, "quantize": spec.quantize, "registry": redis_url, "metrics-port": 0}
     experts = [
         _service(f"expert-{i}.{r}", "expert", expert_flags | {"shard": f"{i}/{spec.experts}"})
         for i in range(spec.experts)

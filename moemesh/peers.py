@@ -114,8 +114,12 @@ class Peer:
         future.add_done_callback(lambda f: self._finished(f, started, rows))
         return Attempt(self, parts, started + self.latency.budget(rows), future)
 
+    def observe(self, seconds: float, error: BaseException | None) -> None:
+        """Called as each call ends (answered or failed); subclasses export metrics here."""
+
     def _finished(self, future: futures.Future, started: float, rows: int) -> None:
         error = future.exception()
+        self.observe(time.monotonic() - started, error)
         with self._lock:
             self.in_flight.pop(future, None)
             if error is None:

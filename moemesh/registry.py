@@ -10,6 +10,8 @@ import threading
 
 import redis
 
+from moemesh.telemetry import REDIS_ERRORS
+
 log = logging.getLogger(__name__)
 
 PREFIX = "moemesh:experts:"
@@ -39,6 +41,7 @@ class Registration:
             try:
                 self.client.set(self.key, self.value, px=int(self.ttl_s * 1000))
             except redis.RedisError as exc:  # Redis away: retry; routers keep the replica meanwhile
+                REDIS_ERRORS.labels(service="expert", op="heartbeat").inc()  # metrics
                 log.warning("registry heartbeat failed: %s", exc)
             if self._stop.wait(self.ttl_s / 3):
                 return

@@ -122,8 +122,14 @@ class Service:
         self.port = tls.add_port(self.server, f"{host}:{port}", credentials)
         self.address = f"{host}:{self.port}"
 
-    def start(self) -> None:
+    def start(self, ready: bool = True) -> None:
+        """Starts serving; `ready=False`: health checks (and calls) are answered, but the health stays
+        NOT_SERVING and the ready line unprinted until `ready()` (an expert loading its shard)."""
         self.server.start()
+        if ready:
+            self.ready()
+
+    def ready(self) -> None:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         print(f"{self.name} listening on {self.address}", flush=True)
 

@@ -75,6 +75,9 @@ class ExpertSettings(ServiceSettings):
     fault_slowdown: float = Field(
         1.0, description="fault injection for tests: while on (SIGUSR1 toggles), each call takes this many times longer"
     )
+    fault_load_delay_s: float = Field(
+        0.0, description="fault injection for tests: wait this long (serving, health NOT_SERVING) before loading"
+    )
 
 
 class RouterSettings(ServiceSettings):
@@ -130,6 +133,9 @@ class GatewaySettings(ServiceSettings):
     )
     input_filter: Path | None = Field(
         None, description="content rules file (YAML or JSON): input rules, PII redaction and output rules"
+    )
+    fault_engine_crash_after_s: float = Field(
+        0.0, description="fault injection for tests: the engine thread dies this many seconds after start; 0: never"
     )
 
 

@@ -1,6 +1,10 @@
-"""Prometheus metrics endpoint shared by the services."""
+"""Prometheus metrics endpoint shared by the services, and the metrics every service shares."""
 
-from prometheus_client import start_http_server
+from prometheus_client import Counter, start_http_server
+
+# Redis calls that failed (connection refused or dropped, timeout), by service and operation. Labels are
+# fixed strings: the service's role and the operation's name in the code, never a key or a session id.
+REDIS_ERRORS = Counter("moemesh_redis_errors", "Redis operations that failed", ["service", "op"])
 
 
 def serve_metrics(name: str, host: str, port: int) -> None:

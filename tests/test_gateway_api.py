@@ -99,10 +99,10 @@ def test_cancelled_stream_leaves_the_batch(cluster):
     request = gateway_pb2.GenerateRequest(prompt_token_ids=[1, 2, 3], sampling=P(max_new_tokens=400))
     stream = cluster.stub.GenerateStream(request, timeout=120)
     next(stream)
-    assert cluster.metric("moemesh_gateway_running_sequences") == 1
+    assert cluster.metric("moemesh_num_requests_running") == 1
     stream.cancel()
     deadline = time.monotonic() + 10
-    while cluster.metric("moemesh_gateway_running_sequences") != 0:
+    while cluster.metric("moemesh_num_requests_running") != 0:
         assert time.monotonic() < deadline, "cancelled sequence still in the running batch"
         time.sleep(0.1)
     assert len(generate(cluster, prompt_token_ids=[4, 5], sampling=P(max_new_tokens=3)).token_ids) == 3

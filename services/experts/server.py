@@ -1,6 +1,7 @@
-"""`moemesh expert`: load a shard and serve it."""
+"""`moemesh expert`: bind the port (health NOT_SERVING), load the shard, then serve it (SERVING)."""
 
 import signal
+import time
 
 import torch
 
@@ -8,30 +9,45 @@ from moemesh.checkpoint import Checkpoint
 from moemesh.registry import Registration
 from moemesh.rpc import Service
 from moemesh.settings import ExpertSettings
+from moemesh.telemetry import serve_metrics
 from moemesh.v1 import expert_pb2_grpc
 from services.experts.servicer import ExpertServicer
 from services.experts.shard import ExpertShard
 
 
-def create_service(settings: ExpertSettings) -> tuple[Service, ExpertServicer]:
+def create_service(settings: ExpertSettings, load: bool = True) -> tuple[Service, ExpertServicer]:
+    """The service and its servicer; the shard is loaded now, or with `load=False` by `load_shard` later."""
     ckpt = Checkpoint(settings.model)
     dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype)
-    shard = ExpertShard.load(ckpt, settings.shard, dtype, settings.quantize)
     credentials = settings.tls().server_credentials(require_client_auth=True)
     service = Service("expert", settings.host, settings.port, credentials=credentials)
-    servicer = ExpertServicer(shard, dtype, settings.wire_torch_dtype(dtype), settings.fault_slowdown)
+    servicer = ExpertServicer(None, dtype, settings.wire_torch_dtype(dtype), settings.fault_slowdown)
     expert_pb2_grpc.add_ExpertServicer_to_server(servicer, service.server)
+    if load:
+        load_shard(settings, servicer)
     return service, servicer
+
+
+def load_shard(settings: ExpertSettings, servicer: ExpertServicer) -> None:
+    if settings.fault_load_delay_s > 0:
+        time.sleep(settings.fault_load_delay_s)  # fault injection: a slow load, to observe NOT_SERVING
+    ckpt = Checkpoint(settings.model)
+    servicer.set_shard(ExpertShard.load(ckpt, settings.shard, servicer.compute_dtype, settings.quantize))
 
 
 def serve(settings: ExpertSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    service, servicer = create_service(settings)
+    service, servicer = create_service(settings, load=False)
+    serve_metrics("expert", settings.host, settings.metrics_port)
+    # Health checks are answered (NOT_SERVING) while the shard loads; SERVING and the ready line once loaded.
+    service.start(ready=False)
+    print(f"expert loading shard {settings.shard} on {service.address}", flush=True)
+    load_shard(settings, servicer)
     shard = servicer.shard
     if settings.fault_slowdown != 1.0:
         signal.signal(signal.SIGUSR1, lambda *_: servicer.toggle_slowdown())
-    service.start()
+    service.ready()
     registration = None
     if settings.registry:
         info = {"fingerprint": shard.fingerprint, "layers": shard.layers}

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterator
 from moemesh.errors import Aborted, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from moemesh.model import KVCache
 from moemesh.v1 import gateway_pb2
-from services.gateway import requests
+from services.gateway import metrics, requests
 from services.gateway.chat_encoding import ChatEncoder
 from services.gateway.chat_template import ChatTemplate
 from services.gateway.content.input_filter import InputFilter
@@ -79,6 +79,8 @@ class Conversations:
             request = requests.with_sampling(prompt, sampling, self.engine.text, self.limits)
             cache = self.engine.new_cache(request)
             cached = self.kv.load(session_id, prompt, state.token_ids, cache)
+            metrics.SESSION_KV_HIT_TOKENS.inc(cached)
+            metrics.SESSION_KV_MISS_TOKENS.inc(len(prompt) - cached)
             seq = self.engine.submit(request, cache, deadline)
             on_cancel(lambda: self.engine.cancel(seq))
             reply = []

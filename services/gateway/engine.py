@@ -54,6 +54,9 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(seed)
         self.cancelled = False
         self.deadline = deadline  # the client's, as time.monotonic(); None: none
+        self.submitted_at = time.monotonic()  # metrics: queue time, TTFT, inter-token latency, end to end
+        self.first_token_at: float | None = None
+        self.last_token_at = 0.0
         self._events: queue.SimpleQueue[StepOutput | MoemeshError] = queue.SimpleQueue()
 
     @property
@@ -106,10 +109,29 @@ class Engine:
         self._waiting: deque[Sequence] = deque()
         self._wakeup = threading.Condition()
         self._stopped = False
+        self._crash = False  # fault injection (`crash_after`)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the engine thread runs (the gateway's readiness)."""
+        return self._thread.is_alive()
+
+    def crash_after(self, seconds: float) -> None:
+        """Fault injection for tests (`--fault-engine-crash-after-s`): the engine thread dies with an
+        exception `seconds` from now, as a bug would kill it; sequences in it are left hanging."""
+
+        def crash() -> None:
+            with self._wakeup:
+                self._crash = True
+                self._wakeup.notify()
+
+        timer = threading.Timer(seconds, crash)
+        timer.daemon = True
+        timer.start()
 
     def stop(self) -> None:
         """Stops stepping; every sequence still running or waiting ends with UNAVAILABLE."""
@@ -133,6 +155,8 @@ class Engine:
         `deadline` (time.monotonic()) is the client's, which the internal calls of its steps inherit."""
         seq = Sequence(request, TextStream(self.text, request.sampling.stop, self.guard), cache, deadline)
         with self._wakeup:
+            if self._thread.ident is not None and not self._thread.is_alive() and not self._stopped:
+                raise Unavailable("the gateway's engine is not running; retry on another replica")
             if len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(f"waiting queue is full ({self.config.max_waiting} requests); retry later")
             self._waiting.append(seq)
@@ -152,8 +176,11 @@ class Engine:
                     self._admit()
                     metrics.RUNNING.set(len(self.running))
                     metrics.WAITING.set(len(self._waiting))
+                    metrics.KV_CACHE_BYTES.set(sum(_cache_bytes(s.cache) for s in self.running))
                     if self._stopped:
                         return
+                    if self._crash:
+                        raise RuntimeError("fault injection: the engine thread crashed")
                     if self.running:
                         break
                     self._wakeup.wait()
@@ -172,6 +199,7 @@ class Engine:
             if seq.cache is None:
                 seq.cache = KVCache(self.model.cfg, len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.dtype)
             self.running.append(seq)
+            metrics.REQUEST_QUEUE.observe(time.monotonic() - seq.submitted_at)
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """Decode tokens first (one each), then prefill chunks while the token budget lasts."""
@@ -233,6 +261,13 @@ class Engine:
     def _advance(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.output_ids.append(token)
         seq.logprobs.append(logprob)
+        now = time.monotonic()
+        if seq.first_token_at is None:
+            seq.first_token_at = now
+            metrics.TIME_TO_FIRST_TOKEN.observe(now - seq.submitted_at)
+        else:
+            metrics.INTER_TOKEN_LATENCY.observe(now - seq.last_token_at)
+        seq.last_token_at = now
         out = StepOutput()
         if token in self.eos_ids:
             out.text, filtered = seq.text.flush(eos=token)
@@ -251,6 +286,8 @@ class Engine:
         if out.finish_reason:
             out.prompt_tokens, out.completion_tokens = len(seq.prompt_ids), len(seq.output_ids)
             out.cached_tokens = seq.cached
+            metrics.E2E_REQUEST_LATENCY.observe(now - seq.submitted_at)
+            metrics.PROMPT_TOKENS.inc(len(seq.prompt_ids))
             with self._wakeup:
                 self.running.remove(seq)  # its cache stays with the caller, which may store it for the session
         elif not out.token_ids and not out.text:
@@ -264,3 +301,10 @@ class Engine:
         for seq in seqs:
             seq.cache = None
             seq.emit(error)
+
+
+def _cache_bytes(cache: KVCache | None) -> int:
+    """Bytes a sequence's KV cache holds (preallocated for its whole length)."""
+    if cache is None:
+        return 0
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer)

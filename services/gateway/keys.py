@@ -21,6 +21,7 @@ from typing import Protocol
 import redis
 
 from moemesh.errors import ConfigError, Unauthenticated, Unavailable
+from moemesh.telemetry import REDIS_ERRORS
 
 REDIS_KEYS = "moemesh:keys"
 RELOAD_AFTER_S = 1.0  # how stale the key file may be seen
@@ -179,6 +180,7 @@ class Authenticator:
         try:
             info = self.store.lookup(digest(header.removeprefix("Bearer ").strip()))
         except redis.RedisError as exc:
+            REDIS_ERRORS.labels(service="gateway", op="key_lookup").inc()  # metrics
             raise Unavailable(f"the API key store is unavailable ({exc}); retry") from None
         if info is None:
             raise Unauthenticated("authorization: unknown or revoked API key")

@@ -25,6 +25,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from moemesh.model import KVCache
+from moemesh.telemetry import REDIS_ERRORS
 from moemesh.tls import PLAINTEXT, Tls
 from services.gateway.sessions import redis_errors, session_key
 
@@ -171,6 +172,7 @@ class _ChunkFetcher:
         try:
             values = self.client.mget([key for j in batch for key in self.keys(j)])
         except redis.RedisError as exc:
+            REDIS_ERRORS.labels(service="gateway", op="kv_load").inc()  # metrics
             self._stop(batch[0], str(exc))
             return
         self.fetched |= {j: (values[2 * i], values[2 * i + 1]) for i, j in enumerate(batch)}

@@ -20,6 +20,7 @@ from typing import Any
 import redis
 
 from moemesh.errors import ResourceExhausted, Unavailable
+from moemesh.telemetry import REDIS_ERRORS
 from services.gateway.keys import KeyInfo
 
 # KEYS[1]: the bucket; ARGV: capacity, refill per ms, cost, force (1: take even into debt).
@@ -126,6 +127,7 @@ class Quotas:
         try:
             return call(self.redis)
         except redis.RedisError as exc:
+            REDIS_ERRORS.labels(service="gateway", op="quota").inc()  # metrics
             raise Unavailable(f"quota store unavailable ({exc}); retry") from None
 
 

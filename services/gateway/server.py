@@ -20,6 +20,7 @@ from services.gateway.chat import Conversations
 from services.gateway.chat_template import ChatTemplate, eos_token_ids
 from services.gateway.content.config import ContentControls, load_controls
 from services.gateway.engine import Engine, EngineConfig
+from services.gateway.health import Readiness
 from services.gateway.keys import Authenticator, KeyFile, KeyStore, RedisKeys
 from services.gateway.kv_store import KVStore, load_client
 from services.gateway.quotas import Quotas
@@ -147,6 +148,14 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
         reflection.SERVICE_NAME,
     )
     reflection.enable_server_reflection(names, service.server)
+    # Readiness (health service moemesh.v1.Gateway): engine thread alive, a router answering.
+    service.readiness = Readiness(  # type: ignore[attr-defined]
+        service.health, engine, settings.router.split(",") if settings.router else [],
+        settings.tls().channel_credentials(),
+    )  # fmt: skip
+    if settings.fault_engine_crash_after_s > 0:
+        engine.crash_after(settings.fault_engine_crash_after_s)  # fault injection, counted from here
+    service.readiness.start()  # type: ignore[attr-defined]
     return service, engine
 
 
@@ -158,4 +167,5 @@ def serve(settings: GatewaySettings) -> None:
     engine.start()
     service.start()
     service.serve_until_signal(settings.grace_s)
+    service.readiness.stop()  # type: ignore[attr-defined]
     engine.stop()

@@ -17,6 +17,7 @@ from services.gateway.chat import Conversations
 from services.gateway.content.input_filter import InputFilter
 from services.gateway.engine import Engine
 from services.gateway.keys import Authenticator, KeyInfo
+from services.gateway.observe import observed, record
 from services.gateway.quotas import Quotas
 from services.gateway.requests import StepOutput
 
@@ -48,22 +49,26 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         )
 
     @map_errors
+    @observed("Generate")
     def Generate(self, request: gateway_pb2.GenerateRequest, context: grpc.ServicerContext):
         with self._admitted(context) as key:
             return requests.merge(list(self._generate(request, context, key))).to_pb()
 
     @map_errors
+    @observed("GenerateStream")
     def GenerateStream(self, request, context: grpc.ServicerContext) -> Iterator[gateway_pb2.GenerateResponse]:
         with self._admitted(context) as key:
             for output in self._generate(request, context, key):
                 yield output.to_pb()
 
     @map_errors
+    @observed("GetModelInfo")
     def GetModelInfo(self, request, context) -> gateway_pb2.ModelInfo:
         with self._admitted(context):
             return self.info
 
     @map_errors
+    @observed("Chat")
     def Chat(self, request: gateway_pb2.ChatRequest, context) -> Iterator[gateway_pb2.GenerateResponse]:
         with self._admitted(context) as key:
             conversations = self._sessions()
@@ -80,6 +85,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             used = 0
             try:
                 for output in turn:
+                    record(context).saw(output)  # observe: TTFT and token counts
                     if output.finish_reason:
                         used = output.prompt_tokens + output.completion_tokens
                         self.quotas.session_used(key, output.session_id)
@@ -88,12 +94,14 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
                 self.quotas.charge(key, used)
 
     @map_errors
+    @observed("GetSession")
     def GetSession(self, request: gateway_pb2.GetSessionRequest, context) -> gateway_pb2.Session:
         with self._admitted(context) as key:
             requests.check_session_id(request.session_id)
             return self._sessions().get(request.session_id, key.id)
 
     @map_errors
+    @observed("DeleteSession")
     def DeleteSession(self, request: gateway_pb2.DeleteSessionRequest, context) -> gateway_pb2.DeleteSessionResponse:
         with self._admitted(context) as key:
             requests.check_session_id(request.session_id)
@@ -112,6 +120,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             raise ResourceExhausted(f"the gateway is serving its limit of {self.max_concurrent} calls; retry later")
         try:
             key = self.auth.authenticate(context.invocation_metadata())
+            record(context).key_id = key.id  # observe
             with self.quotas.stream(key):
                 yield key
         finally:
@@ -125,7 +134,9 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         seq = self.engine.submit(parsed, None, client_deadline(context))
         context.add_callback(lambda: self.engine.cancel(seq))  # the client went away: leave the batch
         try:
-            yield from seq.outputs()
+            for output in seq.outputs():
+                record(context).saw(output)  # observe: TTFT and token counts
+                yield output
         finally:
             self.quotas.charge(key, len(seq.prompt_ids) + len(seq.output_ids))
 

@@ -21,6 +21,7 @@ import numpy as np
 import redis
 
 from moemesh.errors import Aborted, NotFound, Unavailable
+from moemesh.telemetry import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,7 @@ def redis_errors(method: Callable) -> Callable:
         try:
             return method(*args, **kwargs)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            REDIS_ERRORS.labels(service="gateway", op=getattr(method, "__name__", "call")).inc()  # metrics
             raise Unavailable(f"session store unavailable ({exc}); sessions work again once Redis is back") from None
 
     return wrapper

@@ -13,15 +13,27 @@ import time
 
 import grpc
 import redis
+from prometheus_client import Counter, Histogram
 
 from moemesh import registry
 from moemesh.errors import CheckpointError, Unavailable
 from moemesh.peers import Chooser, Peer
 from moemesh.rpc import CHANNEL_OPTIONS, StreamClient
+from moemesh.telemetry import REDIS_ERRORS
 from moemesh.tls import open_channel
 from moemesh.v1 import expert_pb2, expert_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+
+# Metrics (README: Observability); `replica` is a replica's address, from configuration or the registry.
+REPLICA_CALL_SECONDS = Histogram(
+    "moemesh_router_replica_call_seconds", "Time from sending a call to an expert replica to its answer or failure",
+    ["replica"], buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+)  # fmt: skip
+REPLICA_FAILURES = Counter(
+    "moemesh_router_replica_failures", "Calls to an expert replica that failed (unreachable, error status)", ["replica"]
+)
 
 
 class ExpertReplica(Peer):
@@ -30,6 +42,12 @@ class ExpertReplica(Peer):
     def __init__(self, client: StreamClient, held: set[tuple[int, int]], hedge_floor_s: float):
         super().__init__(client, hedge_floor_s, initial_budget_s=10 * hedge_floor_s)
         self.held = held
+        self._seconds, self._failures = REPLICA_CALL_SECONDS.labels(self.address), REPLICA_FAILURES.labels(self.address)
+
+    def observe(self, seconds: float, error: BaseException | None) -> None:
+        self._seconds.observe(seconds)
+        if error is not None:
+            self._failures.inc()
 
     @classmethod
     def connect(
@@ -155,6 +173,7 @@ class Discovery:
         try:
             live = registry.announced(self.client)
         except redis.RedisError as exc:  # keep the table as it is until Redis answers again
+            REDIS_ERRORS.labels(service="router", op="registry_poll").inc()  # metrics
             log.warning("registry unavailable: %s", exc)
             return
         now = time.monotonic()
