@@ -4,8 +4,9 @@ Each `Peer` (a router seen from the gateway, an expert replica seen from the rou
 recent answer times and its calls in flight. Its cost is the time it is expected to take for one
 more call: (calls in flight + 1) x its EWMA latency, or x the age of its oldest unanswered call when
 that is longer (a hung peer's cost grows by itself). A call goes to a peer drawn with weight
-1 / cost^3, so equally fast replicas share the load, one 3x slower gets under 4% of it, and that
-trickle keeps its latency known so it wins its traffic back once it recovers. A peer that failed is
+1 / cost^3, so equally fast replicas share the load and one 3x slower gets under 4% of it; and
+`EXPLORE` of the calls go to any idle peer, so a peer that looked slow (a cold start, a recovered
+one) keeps being measured and wins its traffic back within seconds. A peer that failed is
 skipped for a backoff that doubles with each consecutive failure.
 
 `HedgedCall` sends a call's parts, resends the parts of a peer that is unreachable (its stream broke)
@@ -33,6 +34,7 @@ from moemesh.rpc import StreamClient
 log = logging.getLogger(__name__)
 
 COST_POWER = 3  # how sharply a slower peer loses calls
+EXPLORE = 0.02  # share of calls sent to a random idle peer, to keep measuring the slow ones
 MIN_COST_S = 1e-4  # a peer not measured yet costs this little, so it gets calls and is measured
 BACKOFF_S = 1.0  # skip a failed peer this long, doubled per consecutive failure, up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 30.0
@@ -134,7 +136,8 @@ P = TypeVar("P", bound=Peer)
 
 
 class Chooser:
-    """Draws a peer with weight 1 / cost^3 among those not backing off (see the module docstring)."""
+    """Draws a peer with weight 1 / cost^3 among those not backing off, or now and then any idle one (see the
+    module docstring)."""
 
     def __init__(self, seed: int | None = None) -> None:
         self._random = random.Random(seed)
@@ -142,6 +145,9 @@ class Chooser:
     def choose(self, peers: list[P]) -> P:
         now = time.monotonic()
         live = [p for p in peers if p.healthy(now)] or peers  # every holder failed lately: try them anyway
+        idle = [p for p in live if not p.in_flight]
+        if len(idle) > 1 and self._random.random() < EXPLORE:
+            return self._random.choice(idle)
         return self._random.choices(live, [p.cost(now) ** -COST_POWER for p in live])[0]
 
 

@@ -1,5 +1,11 @@
 """Session-scoped checkpoints and clusters shared by the suite."""
 
+import os
+
+# Tests fork children (with preexec_fn, so no vfork) while gRPC threads of other tests' channels run in this
+# process; gRPC's fork handlers can then abort the child. The services themselves never fork after gRPC starts.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "false"
+
 from pathlib import Path
 
 import pytest
