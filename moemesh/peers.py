@@ -34,7 +34,7 @@ from moemesh.rpc import StreamClient
 log = logging.getLogger(__name__)
 
 COST_POWER = 3  # how sharply a slower peer loses calls
-EXPLORE = 0.02  # share of calls sent to a random idle peer, to keep measuring the slow ones
+EXPLORE = 0.01  # share of calls sent to a random idle peer, to keep measuring the slow ones
 MIN_COST_S = 1e-4  # a peer not measured yet costs this little, so it gets calls and is measured
 BACKOFF_S = 1.0  # skip a failed peer this long, doubled per consecutive failure, up to BACKOFF_MAX_S
 BACKOFF_MAX_S = 30.0
