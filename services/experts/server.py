@@ -4,6 +4,7 @@ import signal
 
 import torch
 
+from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
 from moemesh.registry import Registration
 from moemesh.rpc import Service
@@ -27,6 +28,7 @@ def create_service(settings: ExpertSettings) -> tuple[Service, ExpertServicer]:
 def serve(settings: ExpertSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    tracing.setup("moemesh-expert")
     service, servicer = create_service(settings)
     shard = servicer.shard
     if settings.fault_slowdown != 1.0:

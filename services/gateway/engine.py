@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from moemesh import tracing
 from moemesh.errors import Cancelled, DeadlineExceeded, InvalidArgument, MoemeshError, ResourceExhausted, Unavailable
 from moemesh.model import DenseModel, KVCache, RoutedExperts, SequenceSlice, StepBatch
 from services.gateway import metrics
 from services.gateway.content.output_guard import OutputGuard
+from services.gateway.request_trace import RequestTrace
 from services.gateway.requests import GenerationRequest, StepOutput
 from services.gateway.sampling import sample
 from services.gateway.text import TextCodec, TextStream
@@ -54,6 +56,7 @@ class Sequence:
         self.generator = torch.Generator().manual_seed(seed)
         self.cancelled = False
         self.deadline = deadline  # the client's, as time.monotonic(); None: none
+        self.trace: RequestTrace | None = None  # its phase spans while tracing is on
         self._events: queue.SimpleQueue[StepOutput | MoemeshError] = queue.SimpleQueue()
 
     @property
@@ -85,6 +88,11 @@ class Sequence:
                 return
 
     def emit(self, event: StepOutput | MoemeshError) -> None:
+        if self.trace is not None:  # tracing: the request's last event ends its spans
+            if isinstance(event, MoemeshError):
+                self.trace.ended(len(self.output_ids), error=event)
+            elif event.finish_reason:
+                self.trace.ended(len(self.output_ids), event.finish_reason)
         self._events.put(event)
 
 
@@ -135,6 +143,7 @@ class Engine:
         with self._wakeup:
             if len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(f"waiting queue is full ({self.config.max_waiting} requests); retry later")
+            seq.trace = RequestTrace.begin(len(seq.prompt_ids), seq.cached)
             self._waiting.append(seq)
             self._wakeup.notify()
         return seq
@@ -172,6 +181,8 @@ class Engine:
             if seq.cache is None:
                 seq.cache = KVCache(self.model.cfg, len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.dtype)
             self.running.append(seq)
+            if seq.trace is not None:
+                seq.trace.admitted(len(self.running))
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """Decode tokens first (one each), then prefill chunks while the token budget lasts."""
@@ -201,7 +212,8 @@ class Engine:
         latest = None if None in deadlines else max(deadlines)  # the step is useful until its last client gives up
         batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows, latest)
         try:
-            logits = self._forward(batch)
+            with tracing.links(seq.trace.traceparent for seq, _ in chosen if seq.trace is not None):
+                logits = self._forward(batch)
             for seq, n in chosen:
                 seq.computed += n
                 seq.cache.length += n
@@ -233,6 +245,8 @@ class Engine:
     def _advance(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.output_ids.append(token)
         seq.logprobs.append(logprob)
+        if seq.trace is not None:
+            seq.trace.sampled(len(seq.output_ids))
         out = StepOutput()
         if token in self.eos_ids:
             out.text, filtered = seq.text.flush(eos=token)
