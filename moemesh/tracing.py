@@ -14,6 +14,7 @@ the parent, so a lone request's trace runs gateway -> router -> experts); the ro
 first, then the requests' spans.
 """
 
+import functools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Mapping
@@ -139,7 +140,9 @@ def call_span(name: str, trace_links: Iterable[str], attributes: Mapping[str, At
             _links.reset(token)
 
 
+@functools.lru_cache(maxsize=4096)
 def _span_context(traceparent_: str) -> trace.SpanContext:
+    """Parsed once per traceparent: a request's decode span comes with every layer of every step."""
     return trace.get_current_span(_W3C.extract({"traceparent": traceparent_})).get_span_context()
 
 
