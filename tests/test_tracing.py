@@ -135,6 +135,20 @@ def test_one_stream_is_one_trace_across_every_process(traced, receiver):
     assert all(gateway_phases & {link.span_id for link in s.links} for s in expert_calls)
 
 
+@pytest.mark.timeout(120)
+def test_generate_and_its_errors_return_the_trace_id(traced, receiver):
+    _, call = traced.stub.Generate.with_call(REQUEST, timeout=60)
+    trace_id = dict(call.initial_metadata())["x-trace-id"]
+    _wait_for(receiver, trace_id, lambda spans: "moemesh.v1.Gateway/Generate" in {s.name for _, s in spans})
+    bad = gateway_pb2.GenerateRequest(prompt_token_ids=[5, -1])
+    with pytest.raises(grpc.RpcError) as failed:
+        traced.stub.Generate(bad, timeout=60)
+    assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    trace_id = dict(failed.value.initial_metadata())["x-trace-id"]
+    spans = _wait_for(receiver, trace_id, lambda spans: bool(spans))
+    assert [s.status.code for _, s in spans] == [trace_pb2.Status.STATUS_CODE_ERROR]
+
+
 @pytest.mark.timeout(300)
 def test_chat_turn_traces_its_session_load_and_store(traced, receiver):
     request = gateway_pb2.ChatRequest(
