@@ -234,10 +234,13 @@ def run_in_process(model: Path, levels: list[int], num_requests: int, vocab_size
 # (a) distributed: `moemesh up` as a subprocess in its own session
 
 
-def start_up(model: Path, experts: int, service_threads: int = 0) -> ServiceProcess:
-    """`moemesh up` in a new session (so that everything it starts can be found and checked at the end)."""
+def start_up(
+    model: Path, experts: int, service_threads: int = 0, extra_env: dict[str, str] | None = None
+) -> ServiceProcess:
+    """`moemesh up` in a new session (so that everything it starts can be found and checked at the end), its
+    environment this process's plus `extra_env`."""
     argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--experts", str(experts), "--port", "0"]
-    env = os.environ | ({"MOEMESH_THREADS": str(service_threads)} if service_threads else {})
+    env = os.environ | ({"MOEMESH_THREADS": str(service_threads)} if service_threads else {}) | (extra_env or {})
     return ServiceProcess("moemesh up", argv, env)
 
 
@@ -251,13 +254,14 @@ def _scrape_step_stats(address: str) -> tuple[float, float]:
 
 
 def run_distributed(model: Path, experts: int, levels: list[int], num_requests: int, vocab_size: int, max_new: int,
-                    profile: bool, service_threads: int) -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
+                    profile: bool, service_threads: int, extra_env: dict[str, str] | None = None,
+                    side: str = "distributed") -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
     import grpc
 
     from moemesh.rpc import CHANNEL_OPTIONS
     from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
-    up = start_up(model, experts, service_threads)
+    up = start_up(model, experts, service_threads, extra_env)
     try:
         address = up.wait_for(r"^gateway listening on (\S+)").group(1)
         router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1)
@@ -279,7 +283,7 @@ def run_distributed(model: Path, experts: int, levels: list[int], num_requests: 
 
         one(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
         stats = lambda: _scrape_step_stats(metrics)  # noqa: E731
-        results = [run_level("distributed", c, num_requests, vocab_size, one, stats) for c in levels]
+        results = [run_level(side, c, num_requests, vocab_size, one, stats) for c in levels]
         channel.close()
         prof = None
         if profile:  # the gateway's engine, rebuilt in this process over the cluster's router

@@ -112,10 +112,13 @@ class Service:
         workers: int = 32,
         credentials: grpc.ServerCredentials | None = None,
         max_receive_bytes: int = MAX_MESSAGE_BYTES,
+        interceptors: list[grpc.ServerInterceptor] | None = None,
     ):
         self.name = name
         options = list((dict(SERVER_OPTIONS) | {"grpc.max_receive_message_length": max_receive_bytes}).items())
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=workers), options=options, interceptors=interceptors
+        )
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

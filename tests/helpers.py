@@ -61,13 +61,14 @@ def hf_greedy(model_dir: Path, prompt: list[int], steps: int) -> tuple[list[int]
 
 
 class UpProcess:
-    """`moemesh up` in its own process group; `lines` collects everything it prints."""
+    """`moemesh up` in its own process group; `lines` collects everything it prints. `env`: its environment
+    (default: this process's)."""
 
-    def __init__(self, model_dir: Path, *args: str):
+    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None):
         argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--port", "0", *args]
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, bufsize=1, start_new_session=True,
+            text=True, bufsize=1, start_new_session=True, env=env,
         )  # fmt: skip
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -116,9 +117,9 @@ class Cluster:
     """A running `moemesh up` with the addresses of its services; with `--tls`, `ca` is the CA it printed and
     `channel` a TLS channel verifying the gateway against it."""
 
-    def __init__(self, model_dir: Path, *args: str):
+    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None):
         self.model_dir = model_dir
-        self.up = UpProcess(model_dir, *args)
+        self.up = UpProcess(model_dir, *args, env=env)
         self.address = self.up.wait_for(r"^gateway listening on (\S+)").group(1)
         self.experts = self._ready_addresses("expert")  # by shard.replica
         self.routers = self._ready_addresses("router")

@@ -5,6 +5,7 @@ import time
 
 import torch
 
+from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
 from moemesh.registry import Registration
 from moemesh.rpc import Service
@@ -38,6 +39,7 @@ def load_shard(settings: ExpertSettings, servicer: ExpertServicer) -> None:
 def serve(settings: ExpertSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    tracing.setup("moemesh-expert")
     service, servicer = create_service(settings, load=False)
     serve_metrics("expert", settings.host, settings.metrics_port)
     # Health checks are answered (NOT_SERVING) while the shard loads; SERVING and the ready line once loaded.

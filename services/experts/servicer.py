@@ -6,7 +6,7 @@ from collections.abc import Iterator
 import torch
 from prometheus_client import Counter, Gauge, Histogram
 
-from moemesh import codec
+from moemesh import codec, tracing
 from moemesh.errors import Unavailable
 from moemesh.moe import ExpertGroup
 from moemesh.rpc import answer_calls, map_errors
@@ -57,7 +57,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         started = time.monotonic()
         rows = codec.from_pb(request.hidden, self.compute_dtype, field="hidden")
         groups = [ExpertGroup(g.expert, g.num_tokens) for g in request.groups]
-        out = self._loaded().forward(request.layer, groups, rows)
+        attributes = {"moemesh.layer": request.layer, "moemesh.tokens": rows.shape[0], "moemesh.experts": len(groups)}
+        with tracing.call_span("expert.forward", request.trace_links, attributes):
+            out = self._loaded().forward(request.layer, groups, rows)
         if self.slow:
             time.sleep((self.slowdown - 1) * (time.monotonic() - started))
         self.served += 1

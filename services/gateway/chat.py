@@ -3,6 +3,7 @@
 import time
 from collections.abc import Callable, Iterator
 
+from moemesh import tracing
 from moemesh.errors import Aborted, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted, Unavailable
 from moemesh.model import KVCache
 from moemesh.v1 import gateway_pb2
@@ -65,7 +66,8 @@ class Conversations:
         new_session = not session_id
         session_id = session_id or self.store.new_id()
         with self.store.turn_lock(session_id) as lock:
-            state = SessionState(session_id, owner) if new_session else self.store.load(session_id, owner)
+            with tracing.span("session.load"):
+                state = SessionState(session_id, owner) if new_session else self.store.load(session_id, owner)
             if state.turns >= self.max_turns:
                 raise ResourceExhausted(
                     f"session_id: session {session_id!r} reached its limit of {self.max_turns} turns"
@@ -78,7 +80,10 @@ class Conversations:
                 )
             request = requests.with_sampling(prompt, sampling, self.engine.text, self.limits)
             cache = self.engine.new_cache(request)
-            cached = self.kv.load(session_id, prompt, state.token_ids, cache)
+            with tracing.span("session.kv_load") as span:
+                cached = self.kv.load(session_id, prompt, state.token_ids, cache)
+                if span is not None:
+                    span.set_attribute("moemesh.cached_tokens", cached)
             metrics.SESSION_KV_HIT_TOKENS.inc(cached)
             metrics.SESSION_KV_MISS_TOKENS.inc(len(prompt) - cached)
             seq = self.engine.submit(request, cache, deadline)
@@ -92,7 +97,8 @@ class Conversations:
                     state.token_ids = prompt + seq.output_ids
                     state.turns += 1
                     try:
-                        self._save_turn(lock, state, seq.cache, cached)
+                        with tracing.span("session.store"):
+                            self._save_turn(lock, state, seq.cache, cached)
                     except (Unavailable, Aborted) as exc:
                         yield output
                         raise type(exc)(

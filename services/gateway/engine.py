@@ -19,10 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
+from moemesh import tracing
 from moemesh.errors import Cancelled, DeadlineExceeded, InvalidArgument, MoemeshError, ResourceExhausted, Unavailable
 from moemesh.model import DenseModel, KVCache, RoutedExperts, SequenceSlice, StepBatch
 from services.gateway import metrics
 from services.gateway.content.output_guard import OutputGuard
+from services.gateway.request_trace import RequestTrace
 from services.gateway.requests import GenerationRequest, StepOutput
 from services.gateway.sampling import sample
 from services.gateway.text import TextCodec, TextStream
@@ -57,6 +59,7 @@ class Sequence:
         self.submitted_at = time.monotonic()  # metrics: queue time, TTFT, inter-token latency, end to end
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
+        self.trace: RequestTrace | None = None  # its phase spans while tracing is on
         self._events: queue.SimpleQueue[StepOutput | MoemeshError] = queue.SimpleQueue()
 
     @property
@@ -88,6 +91,11 @@ class Sequence:
                 return
 
     def emit(self, event: StepOutput | MoemeshError) -> None:
+        if self.trace is not None:  # tracing: the request's last event ends its spans
+            if isinstance(event, MoemeshError):
+                self.trace.ended(len(self.output_ids), error=event)
+            elif event.finish_reason:
+                self.trace.ended(len(self.output_ids), event.finish_reason)
         self._events.put(event)
 
 
@@ -159,6 +167,7 @@ class Engine:
                 raise Unavailable("the gateway's engine is not running; retry on another replica")
             if len(self._waiting) >= self.config.max_waiting:
                 raise ResourceExhausted(f"waiting queue is full ({self.config.max_waiting} requests); retry later")
+            seq.trace = RequestTrace.begin(len(seq.prompt_ids), seq.cached)
             self._waiting.append(seq)
             self._wakeup.notify()
         return seq
@@ -200,6 +209,8 @@ class Engine:
                 seq.cache = KVCache(self.model.cfg, len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.dtype)
             self.running.append(seq)
             metrics.REQUEST_QUEUE.observe(time.monotonic() - seq.submitted_at)
+            if seq.trace is not None:
+                seq.trace.admitted(len(self.running))
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """Decode tokens first (one each), then prefill chunks while the token budget lasts."""
@@ -229,7 +240,8 @@ class Engine:
         latest = None if None in deadlines else max(deadlines)  # the step is useful until its last client gives up
         batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows, latest)
         try:
-            logits = self._forward(batch)
+            with tracing.links(seq.trace.traceparent for seq, _ in chosen if seq.trace is not None):
+                logits = self._forward(batch)
             for seq, n in chosen:
                 seq.computed += n
                 seq.cache.length += n
@@ -268,6 +280,8 @@ class Engine:
         else:
             metrics.INTER_TOKEN_LATENCY.observe(now - seq.last_token_at)
         seq.last_token_at = now
+        if seq.trace is not None:
+            seq.trace.sampled(len(seq.output_ids))
         out = StepOutput()
         if token in self.eos_ids:
             out.text, filtered = seq.text.flush(eos=token)

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import grpc
 import torch
 
-from moemesh import codec
+from moemesh import codec, tracing
 from moemesh.errors import Unavailable
 from moemesh.peers import Attempt, Chooser, HedgedCall, Peer
 from moemesh.rpc import CHANNEL_OPTIONS, StreamClient
@@ -61,6 +61,7 @@ class RouterClient:
         wire = codec.to_pb(hidden, self.wire_dtype)
         timeout_s = self.timeout_s if deadline is None else max(0.0, min(self.timeout_s, deadline - time.monotonic()))
         rows = hidden.shape[0]
+        trace_links = tracing.outgoing_links()
 
         def send(parts: list[int], tried: dict[int, set[Peer]]) -> list[Attempt]:
             untried = [r for r in self.routers if r not in tried[0]]
@@ -68,7 +69,9 @@ class RouterClient:
                 raise Unavailable(f"layer {layer}: no router left to try")
             router = self._chooser.choose(untried)
             tried[0].add(router)
-            request = router_pb2.MoeRequest(layer=layer, hidden=wire, timeout_ms=max(1, int(timeout_s * 1000)))
+            request = router_pb2.MoeRequest(
+                layer=layer, hidden=wire, timeout_ms=max(1, int(timeout_s * 1000)), trace_links=trace_links
+            )
             return [router.call(request, rows, parts)]
 
         call = HedgedCall(1, send, time.monotonic() + timeout_s, f"layer {layer} router call")

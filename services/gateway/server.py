@@ -8,6 +8,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
 from moemesh.errors import ConfigError
 from moemesh.model import DenseModel, RoutedExperts, load_experts, load_gates
@@ -24,12 +25,14 @@ from services.gateway.health import Readiness
 from services.gateway.keys import Authenticator, KeyFile, KeyStore, RedisKeys
 from services.gateway.kv_store import KVStore, load_client
 from services.gateway.quotas import Quotas
+from services.gateway.request_trace import ServerSpans
 from services.gateway.requests import Limits
 from services.gateway.router_client import RouterClient
 from services.gateway.servicer import GatewayServicer
 from services.gateway.sessions import SessionStore
 from services.gateway.text import TextCodec
 
+GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 HEALTH_THREADS = 32  # server threads beyond the Gateway calls' limit: health checks and reflection always get one
 
 
@@ -134,6 +137,7 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
         "gateway", settings.host, settings.port, workers=settings.max_concurrent_requests + HEALTH_THREADS,
         credentials=settings.tls().server_credentials(require_client_auth=False),
         max_receive_bytes=settings.max_request_bytes,
+        interceptors=[ServerSpans(f"/{GATEWAY_SERVICE}/")] if tracing.enabled() else None,
     )  # fmt: skip
     client = redis_client(settings)
     servicer = GatewayServicer(
@@ -143,7 +147,7 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     )  # fmt: skip
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, service.server)
     names = (
-        gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name,
+        GATEWAY_SERVICE,
         "grpc.health.v1.Health",
         reflection.SERVICE_NAME,
     )
@@ -162,6 +166,7 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
 def serve(settings: GatewaySettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    tracing.setup("moemesh-gateway")
     service, engine = create_service(settings)
     serve_metrics("gateway", settings.host, settings.metrics_port)
     engine.start()

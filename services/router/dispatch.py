@@ -13,7 +13,7 @@ import time
 import torch
 from prometheus_client import Counter
 
-from moemesh import codec
+from moemesh import codec, tracing
 from moemesh.errors import DeadlineExceeded
 from moemesh.moe import ExpertGroup
 from moemesh.peers import Attempt, HedgedCall, Peer
@@ -71,6 +71,7 @@ class RemoteExperts:
             layer=layer,
             groups=[expert_pb2.ExpertGroup(expert=g.expert, num_tokens=g.num_tokens) for g in groups],
             hidden=codec.to_pb(sent, self.wire_dtype),
+            trace_links=tracing.outgoing_links(),
         )
         return replica.call(request, sent.shape[0], chosen)
 

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import torch
 
+from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
 from moemesh.errors import CheckpointError
 from moemesh.model import load_gates
@@ -70,6 +71,7 @@ def wait_for_coverage(placement: Placement, static: list[str], timeout_s: float)
 def serve(settings: RouterSettings) -> None:
     if settings.threads:
         torch.set_num_threads(settings.threads)
+    tracing.setup("moemesh-router")
     service = create_service(settings)
     serve_metrics("router", settings.host, settings.metrics_port)
     service.start()

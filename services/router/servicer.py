@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import torch
 
-from moemesh import codec
+from moemesh import codec, tracing
 from moemesh.errors import InvalidArgument
 from moemesh.moe import RoutedMoE
 from moemesh.rpc import answer_calls, map_errors
@@ -26,7 +26,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         hidden = codec.from_pb(request.hidden, self.compute_dtype, field="hidden")
         if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
             raise InvalidArgument(f"hidden: shape {list(hidden.shape)}, expected [tokens, {self.hidden_size}]")
-        out = self.moe(request.layer, hidden, request.timeout_ms / 1000 if request.timeout_ms else None)
+        attributes = {"moemesh.layer": request.layer, "moemesh.tokens": hidden.shape[0]}
+        with tracing.call_span("moe.layer", request.trace_links, attributes):
+            out = self.moe(request.layer, hidden, request.timeout_ms / 1000 if request.timeout_ms else None)
         return router_pb2.MoeResponse(request_id=request.request_id, output=codec.to_pb(out, self.wire_dtype))
 
 
