@@ -18,7 +18,6 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from moemesh import tracing
 from moemesh.errors import MoemeshError
 
-
 TRACE_ID_METADATA = "x-trace-id"
 
 
