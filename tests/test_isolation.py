@@ -87,7 +87,8 @@ def test_a_request_right_after_an_expired_one_succeeds(cluster):
 
 
 def streams_with_times(stub, prompts, during, max_new_tokens: int):
-    """One stream per prompt; `during()` runs once half have started. Returns tokens and arrival times."""
+    """One stream per prompt; `during()` runs once half have 3 tokens (so there are normal gaps to compare
+    with). Returns tokens and arrival times."""
     started = threading.Semaphore(0)
 
     def one(prompt):
@@ -97,7 +98,7 @@ def streams_with_times(stub, prompts, during, max_new_tokens: int):
         tokens, times = [], []
         for i, r in enumerate(stub.GenerateStream(request, timeout=120)):
             times.append(time.monotonic())
-            if i == 0:
+            if i == 2:
                 started.release()
             tokens += r.token_ids
         return tokens, times
