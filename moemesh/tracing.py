@@ -8,16 +8,18 @@ is set) and exports in batches (`OTEL_BSP_*`); the OTLP exporter reads `OTEL_EXP
 The gateway's public calls carry their trace context in gRPC metadata (`traceparent`, read with OTel's
 global propagator). The internal calls ride long-lived bidirectional streams, where gRPC headers are per
 stream, not per call, and one call (one MoE layer of one engine step) serves many requests; so each
-`MoeRequest`/`ExpertRequest` carries `trace_links`, W3C traceparents: the callee's span is a child of the
-first and links to every one. The gateway sends the spans of the step's requests (the first request is
-the parent, so a lone request's trace runs gateway -> router -> experts); the router sends its own span
-first, then the requests' spans.
+`MoeRequest`/`ExpertRequest` carries the caller's span as a W3C `traceparent`, and the callee's span is its
+child. A step serves many requests: the gateway's span of the step (`step`) is a child of its first
+sampled request's span and links to every sampled request's span, once per step, so the router's and the
+experts' spans of the step's calls (a dozen per step) carry no links of their own; a lone request's trace
+runs gateway -> step -> router -> experts. A step with no sampled request sends no traceparent, and the
+callees record nothing for it.
 """
 
 import functools
 import logging
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
 from importlib.metadata import entry_points
@@ -34,8 +36,8 @@ log = logging.getLogger(__name__)
 tracer = trace.get_tracer("moemesh")  # a proxy: real once `setup` installs a provider, a no-op before
 _W3C = TraceContextTextMapPropagator()
 _enabled = False
-# The traceparents the internal calls made from this context send as `trace_links`.
-_links: ContextVar[tuple[str, ...]] = ContextVar("moemesh_trace_links", default=())
+# The traceparent the internal calls made from this context send (the current step's or call's span).
+_outgoing: ContextVar[str] = ContextVar("moemesh_traceparent", default="")
 
 
 def setup(service_name: str) -> bool:
@@ -92,22 +94,9 @@ def traceparent(span: Span) -> str:
     return carrier.get("traceparent", "")
 
 
-@contextmanager
-def links(traceparents: Iterable[str]) -> Iterator[None]:
-    """The internal calls made inside carry `traceparents` (see `outgoing_links`)."""
-    if not _enabled:
-        yield
-        return
-    token = _links.set(tuple(traceparents))
-    try:
-        yield
-    finally:
-        _links.reset(token)
-
-
-def outgoing_links() -> tuple[str, ...]:
-    """What an internal call made here sends as its `trace_links` (empty when tracing is off)."""
-    return _links.get()
+def outgoing_traceparent() -> str:
+    """What an internal call made here sends as its `traceparent` (empty when tracing is off)."""
+    return _outgoing.get()
 
 
 @contextmanager
@@ -121,28 +110,43 @@ def span(name: str, attributes: Mapping[str, AttributeValue] | None = None) -> I
 
 
 @contextmanager
-def call_span(name: str, trace_links: Iterable[str], attributes: Mapping[str, AttributeValue]) -> Iterator[Span | None]:
-    """The span of one internal call: child of `trace_links[0]`, linked to all of them; the calls it makes
-    carry this span's traceparent first, then `trace_links`. Nothing (None) while tracing is off."""
-    if not _enabled:
-        yield None
+def step(name: str, requests: Sequence[Span], attributes: Mapping[str, AttributeValue]) -> Iterator[None]:
+    """The span of one engine step serving `requests` (their current spans): a child of the first sampled
+    one, linked to every sampled one; the internal calls made inside carry it. Nothing while tracing is off
+    or no request is sampled."""
+    sampled = [s.get_span_context() for s in requests if s.is_recording()] if _enabled else []
+    if not sampled:
+        yield
         return
-    received = tuple(trace_links)
-    contexts = [c for c in (_span_context(tp) for tp in received) if c.is_valid]
-    parent = trace.set_span_in_context(trace.NonRecordingSpan(contexts[0])) if contexts else None
-    with tracer.start_as_current_span(
-        name, parent, SpanKind.SERVER, attributes, [Link(c) for c in contexts]
-    ) as current:
-        token = _links.set((traceparent(current), *received))
+    parent = trace.set_span_in_context(trace.NonRecordingSpan(sampled[0]))
+    with tracer.start_as_current_span(name, parent, attributes=attributes, links=[Link(c) for c in sampled]) as current:
+        token = _outgoing.set(traceparent(current))
         try:
-            yield current
+            yield
         finally:
-            _links.reset(token)
+            _outgoing.reset(token)
 
 
-@functools.lru_cache(maxsize=4096)
+@contextmanager
+def call_span(name: str, caller: str, attributes: Mapping[str, AttributeValue]) -> Iterator[None]:
+    """The span of one internal call, a child of the `caller`'s span (its traceparent); the calls it makes
+    carry this span. Nothing while tracing is off or the caller sent no traceparent (an unsampled step)."""
+    context = _span_context(caller) if _enabled and caller else None
+    if context is None or not context.is_valid:
+        yield
+        return
+    parent = trace.set_span_in_context(trace.NonRecordingSpan(context))
+    with tracer.start_as_current_span(name, parent, SpanKind.SERVER, attributes) as current:
+        token = _outgoing.set(traceparent(current))
+        try:
+            yield
+        finally:
+            _outgoing.reset(token)
+
+
+@functools.lru_cache(maxsize=1024)
 def _span_context(traceparent_: str) -> trace.SpanContext:
-    """Parsed once per traceparent: a request's decode span comes with every layer of every step."""
+    """Parsed once per traceparent: a step's span comes with every MoE layer of the step."""
     return trace.get_current_span(_W3C.extract({"traceparent": traceparent_})).get_span_context()
 
 

@@ -124,15 +124,18 @@ def test_one_stream_is_one_trace_across_every_process(traced, receiver):
     decoded = _attributes(decode)
     assert decoded["moemesh.completion_tokens"] == 6 and decoded["moemesh.decode_tokens"] == 5
     assert decoded["moemesh.finish_reason"] == "length" and decoded["moemesh.decode_ms"] > 0
-    # Router calls: children of the request's prefill or decode span, linked to it; experts under them.
+    # Engine steps: children of the request's prefill or decode span, linked to it; router calls under
+    # the steps, experts under the router calls.
     gateway_phases = {prefill.span_id, decode.span_id}
+    steps = by_name["gateway.step"]
+    assert len(steps) == 6  # one prefill step and five decode steps
+    assert all(s.parent_span_id in gateway_phases for s in steps)
+    assert all({link.span_id for link in s.links} == {s.parent_span_id} for s in steps)
     router_calls = by_name["moe.layer"]
-    assert router_calls and all(s.parent_span_id in gateway_phases for s in router_calls)
-    assert all({link.span_id for link in s.links} == {s.parent_span_id} for s in router_calls)
-    router_ids = {s.span_id for s in router_calls}
+    assert router_calls and all(s.parent_span_id in {s.span_id for s in steps} for s in router_calls)
+    assert all(not s.links for s in router_calls)
     expert_calls = by_name["expert.forward"]
-    assert expert_calls and all(s.parent_span_id in router_ids for s in expert_calls)
-    assert all(gateway_phases & {link.span_id for link in s.links} for s in expert_calls)
+    assert expert_calls and all(s.parent_span_id in {s.span_id for s in router_calls} for s in expert_calls)
 
 
 @pytest.mark.timeout(120)

@@ -58,7 +58,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         rows = codec.from_pb(request.hidden, self.compute_dtype, field="hidden")
         groups = [ExpertGroup(g.expert, g.num_tokens) for g in request.groups]
         attributes = {"moemesh.layer": request.layer, "moemesh.tokens": rows.shape[0], "moemesh.experts": len(groups)}
-        with tracing.call_span("expert.forward", request.trace_links, attributes):
+        with tracing.call_span("expert.forward", request.traceparent, attributes):
             out = self._loaded().forward(request.layer, groups, rows)
         if self.slow:
             time.sleep((self.slowdown - 1) * (time.monotonic() - started))

@@ -240,7 +240,8 @@ class Engine:
         latest = None if None in deadlines else max(deadlines)  # the step is useful until its last client gives up
         batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows, latest)
         try:
-            with tracing.links(seq.trace.traceparent for seq, _ in chosen if seq.trace is not None):
+            traced = [seq.trace.phase for seq, _ in chosen if seq.trace is not None]
+            with tracing.step("gateway.step", traced, {"moemesh.sequences": len(chosen), "moemesh.tokens": len(ids)}):
                 logits = self._forward(batch)
             for seq, n in chosen:
                 seq.computed += n

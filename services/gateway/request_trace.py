@@ -78,13 +78,13 @@ def _stream(behavior: Callable, method: str) -> Callable:
 
 
 class RequestTrace:
-    """One generation's phase spans, ended from the engine's thread as the request moves on."""
+    """One generation's phase spans, ended from the engine's thread as the request moves on; `phase` is
+    the current one, which the spans of the engine steps the request is in link to."""
 
     def __init__(self, parent: Context, prompt_tokens: int, cached_tokens: int):
         self.parent, self.prompt_tokens, self.cached_tokens = parent, prompt_tokens, cached_tokens
         self.submitted = time.monotonic()
         self.first_token_at: float | None = None
-        self.traceparent = ""  # the current phase's: sent with the MoE calls of the steps the request is in
         self.phase: Span = self._start("gateway.admission")
 
     @classmethod
@@ -95,9 +95,7 @@ class RequestTrace:
         return cls(trace.set_span_in_context(trace.get_current_span()), prompt_tokens, cached_tokens)
 
     def _start(self, name: str, **attributes) -> Span:
-        span = tracing.tracer.start_span(name, self.parent, attributes=attributes)
-        self.traceparent = tracing.traceparent(span)
-        return span
+        return tracing.tracer.start_span(name, self.parent, attributes=attributes)
 
     def admitted(self, running: int) -> None:
         self.phase.set_attribute("moemesh.running_sequences", running)

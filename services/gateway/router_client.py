@@ -61,7 +61,7 @@ class RouterClient:
         wire = codec.to_pb(hidden, self.wire_dtype)
         timeout_s = self.timeout_s if deadline is None else max(0.0, min(self.timeout_s, deadline - time.monotonic()))
         rows = hidden.shape[0]
-        trace_links = tracing.outgoing_links()
+        traceparent = tracing.outgoing_traceparent()
 
         def send(parts: list[int], tried: dict[int, set[Peer]]) -> list[Attempt]:
             untried = [r for r in self.routers if r not in tried[0]]
@@ -70,7 +70,7 @@ class RouterClient:
             router = self._chooser.choose(untried)
             tried[0].add(router)
             request = router_pb2.MoeRequest(
-                layer=layer, hidden=wire, timeout_ms=max(1, int(timeout_s * 1000)), trace_links=trace_links
+                layer=layer, hidden=wire, timeout_ms=max(1, int(timeout_s * 1000)), traceparent=traceparent
             )
             return [router.call(request, rows, parts)]
 

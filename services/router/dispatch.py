@@ -71,7 +71,7 @@ class RemoteExperts:
             layer=layer,
             groups=[expert_pb2.ExpertGroup(expert=g.expert, num_tokens=g.num_tokens) for g in groups],
             hidden=codec.to_pb(sent, self.wire_dtype),
-            trace_links=tracing.outgoing_links(),
+            traceparent=tracing.outgoing_traceparent(),
         )
         return replica.call(request, sent.shape[0], chosen)
 

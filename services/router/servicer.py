@@ -27,7 +27,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
             raise InvalidArgument(f"hidden: shape {list(hidden.shape)}, expected [tokens, {self.hidden_size}]")
         attributes = {"moemesh.layer": request.layer, "moemesh.tokens": hidden.shape[0]}
-        with tracing.call_span("moe.layer", request.trace_links, attributes):
+        with tracing.call_span("moe.layer", request.traceparent, attributes):
             out = self.moe(request.layer, hidden, request.timeout_ms / 1000 if request.timeout_ms else None)
         return router_pb2.MoeResponse(request_id=request.request_id, output=codec.to_pb(out, self.wire_dtype))
 
