@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import grpc
@@ -187,6 +188,22 @@ def test_readiness_turns_not_serving_when_the_engine_thread_dies(mixtral_dir):
     with gateway(mixtral_dir, fault_engine_crash_after_s=3.0) as (stub, channel, (engine, _)):
         wait_health(channel, "moemesh.v1.Gateway", SERVING, 10)
         assert health(channel, "") == SERVING
+
+        # Streams in the engine when it dies end with UNAVAILABLE rather than hang. Two clients stream one
+        # request after another, so that at least one is in the engine when it dies.
+        def stream_until_refused() -> grpc.RpcError:
+            request = gateway_pb2.GenerateRequest(prompt_token_ids=[1, 2], sampling=P(max_new_tokens=400))
+            while True:
+                try:
+                    for _ in stub.GenerateStream(request, timeout=60):
+                        pass
+                except grpc.RpcError as error:
+                    return error
+
+        with ThreadPoolExecutor(2) as pool:
+            errors = list(pool.map(lambda _: stream_until_refused(), range(2)))
+        assert {e.code() for e in errors} == {grpc.StatusCode.UNAVAILABLE}, [e.details() for e in errors]
+        assert any("engine stopped" in e.details() for e in errors), [e.details() for e in errors]
         deadline = time.monotonic() + 30
         while engine.alive:
             assert time.monotonic() < deadline, "the fault hook did not kill the engine thread"

@@ -130,7 +130,7 @@ class Engine:
 
     def crash_after(self, seconds: float) -> None:
         """Fault injection for tests (`--fault-engine-crash-after-s`): the engine thread dies with an
-        exception `seconds` from now, as a bug would kill it; sequences in it are left hanging."""
+        exception `seconds` from now, as a bug would kill it."""
 
         def crash() -> None:
             with self._wakeup:
@@ -178,6 +178,19 @@ class Engine:
             self._wakeup.notify()
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException:
+            # A bug killed the engine: its sequences end with UNAVAILABLE rather than hang (a client retries on
+            # another replica), and the thread dies, so that readiness turns NOT_SERVING.
+            with self._wakeup:
+                left = [*self.running, *self._waiting]
+                self.running, self._waiting = [], deque()
+            for seq in left:
+                seq.emit(Unavailable("the gateway's engine stopped; retry on another replica"))
+            raise
+
+    def _run(self) -> None:
         while True:
             with self._wakeup:
                 while True:
