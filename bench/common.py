@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 START_TIMEOUT_S = 300
@@ -48,9 +49,8 @@ class ServiceProcess:
                     raise RuntimeError(f"{self.name} printed no line matching {pattern!r}; its output:\n{tail}")
                 self._changed.wait(min(left, 1.0))
 
-    def session_members(self) -> list[str]:
-        """Live processes (not zombies) of the session this process leads: 'pid name' each."""
-        found = []
+    def _session_stats(self) -> Iterator[tuple[str, str, list[str]]]:
+        """(pid, name, the /proc stat fields after the name) of every process in the session this one leads."""
         for entry in Path("/proc").iterdir():
             if not entry.name.isdigit():
                 continue
@@ -58,11 +58,18 @@ class ServiceProcess:
                 stat = (entry / "stat").read_text()
             except OSError:
                 continue
-            name = stat[stat.index("(") + 1 : stat.rindex(")")]
             fields = stat[stat.rindex(")") + 2 :].split()  # state ppid pgrp session ...
-            if int(fields[3]) == self.proc.pid and fields[0] != "Z":
-                found.append(f"{entry.name} {name}")
-        return found
+            if int(fields[3]) == self.proc.pid:
+                yield entry.name, stat[stat.index("(") + 1 : stat.rindex(")")], fields
+
+    def session_members(self) -> list[str]:
+        """Live processes (not zombies) of the session this process leads: 'pid name' each."""
+        return [f"{pid} {name}" for pid, name, fields in self._session_stats() if fields[0] != "Z"]
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the session's live processes have used so far."""
+        ticks = sum(int(fields[11]) + int(fields[12]) for _, _, fields in self._session_stats())  # utime, stime
+        return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout_s: float = 60) -> tuple[int | None, list[str]]:
         """SIGTERM, wait; returns the exit code and whatever of the session was still alive (then SIGKILLed)."""

@@ -67,6 +67,7 @@ class LevelResult:
     wall_s: float
     steps: float | None = None  # engine steps during the level
     step_s: float | None = None  # their summed wall time
+    cpu_s: float | None = None  # CPU time of the serving processes during the level
 
     @property
     def tokens(self) -> int:
@@ -283,7 +284,11 @@ def run_distributed(model: Path, experts: int, levels: list[int], num_requests: 
 
         one(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
         stats = lambda: _scrape_step_stats(metrics)  # noqa: E731
-        results = [run_level(side, c, num_requests, vocab_size, one, stats) for c in levels]
+        results = []
+        for concurrency in levels:
+            cpu_before = up.cpu_seconds()
+            results.append(run_level(side, concurrency, num_requests, vocab_size, one, stats))
+            results[-1].cpu_s = up.cpu_seconds() - cpu_before
         channel.close()
         prof = None
         if profile:  # the gateway's engine, rebuilt in this process over the cluster's router

@@ -5,7 +5,8 @@ once exporting every span over OTLP/gRPC to a sink in this process (`OTEL_TRACES
 `OTEL_BSP_SCHEDULE_DELAY=200`), and runs the fixed requests of `bench.throughput` at one concurrency
 after a warm-up request. Rounds alternate the order (off/on, on/off, ...) so that a drift in the
 machine's load does not favour one side. Reports tokens/s per run, the median per side, the on/off ratio,
-and the spans the sink received.
+the CPU time the cluster's processes used per token (steadier than tokens/s on a shared machine; the sink's
+own is not counted, as a collector would run elsewhere), and the spans the sink received.
 
     .venv/bin/python -m bench.tracing [--model DIR] [--concurrency 16] [--requests 32] [--rounds 2]
         [--max-new-tokens 64] [--experts 2] [--markdown]
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"model: {model}; {os.cpu_count()} CPUs; {load_average()}", flush=True)
     runs: dict[str, list[float]] = {"off": [], "on": []}
+    cpu: dict[str, list[float]] = {"off": [], "on": []}  # cluster CPU ms per token
     rows = []
     for i in range(args.rounds):
         for side in ("off", "on") if i % 2 == 0 else ("on", "off"):
@@ -81,18 +83,24 @@ def main(argv: list[str] | None = None) -> int:
                 sides[side], f"tracing {side}",
             )  # fmt: skip
             runs[side].append(level.tokens_per_s)
+            cpu[side].append(level.cpu_s / level.tokens * 1000)
             rows.append([str(i + 1), side, str(level.tokens), f"{level.wall_s:.2f}", f"{level.tokens_per_s:.1f}",
-                         f"{level.mean_ttft_ms:.1f}", load_average()])  # fmt: skip
+                         f"{level.mean_ttft_ms:.1f}", f"{level.mean_step_ms:.1f}", f"{level.cpu_s:.2f}",
+                         load_average()])  # fmt: skip
     sink.server.stop(0)
     print()
-    table(["round", "tracing", "tokens", "wall s", "tok/s", "mean TTFT ms", "after the run"], rows, args.markdown)
+    header = ["round", "tracing", "tokens", "wall s", "tok/s", "mean TTFT ms", "mean step ms", "cluster CPU s",
+              "after the run"]  # fmt: skip
+    table(header, rows, args.markdown)
     off, on = statistics.median(runs["off"]), statistics.median(runs["on"])
+    cpu_off, cpu_on = statistics.median(cpu["off"]), statistics.median(cpu["on"])
     print()
     table(
-        ["median tok/s off", "median tok/s on", "on/off", "spans exported"],
-        [[f"{off:.1f}", f"{on:.1f}", f"{on / off:.3f}", str(sink.spans)]],
+        ["median tok/s off", "median tok/s on", "on/off", "cluster CPU ms/token off", "on", "on/off", "spans exported"],
+        [[f"{off:.1f}", f"{on:.1f}", f"{on / off:.3f}", f"{cpu_off:.2f}", f"{cpu_on:.2f}", f"{cpu_on / cpu_off:.3f}",
+          str(sink.spans)]],
         args.markdown,
-    )
+    )  # fmt: skip
     return 0
 
 
