@@ -9,12 +9,12 @@ connections hang, as with a pulled cable, until `restore(host)`. Every name carr
 """
 
 import os
-import re
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
+
+from tests.helpers import OutputProcess
 
 SUBNET_PREFIX = "10.213"
 
@@ -46,40 +46,12 @@ def _free_subnet() -> str:
     raise RuntimeError(f"no free /24 in {SUBNET_PREFIX}.0.0/16")
 
 
-class HostProcess:
+class HostProcess(OutputProcess):
     """A process started inside a host's namespace; `lines` collects its stdout and stderr."""
 
     def __init__(self, namespace: str, argv: list[str]):
         env = {"OMP_WAIT_POLICY": "PASSIVE"} | dict(os.environ)  # as `moemesh up` runs its services
-        self.proc = subprocess.Popen(
-            ["ip", "netns", "exec", namespace, *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, text=True, bufsize=1, env=env,
-        )  # fmt: skip
-        self.lines: list[str] = []
-        self._changed = threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            with self._changed:
-                self.lines.append(line.rstrip("\n"))
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    def wait_for(self, pattern: str, timeout_s: float, after: int = 0) -> re.Match:
-        """The first line matching `pattern` among `lines[after:]`."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while True:
-                for line in self.lines[after:]:
-                    if match := regex.search(line):
-                        return match
-                left = deadline - time.monotonic()
-                if left <= 0 or self.proc.poll() is not None:
-                    raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines[-40:]))
-                self._changed.wait(min(left, 1.0))
+        super().__init__(["ip", "netns", "exec", namespace, *argv], env)
 
     def terminate(self) -> None:
         if self.proc.poll() is None:
