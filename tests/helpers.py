@@ -60,15 +60,14 @@ def hf_greedy(model_dir: Path, prompt: list[int], steps: int) -> tuple[list[int]
     return out.sequences[0, len(prompt) :].tolist(), [step[0] for step in out.logits]
 
 
-class UpProcess:
-    """`moemesh up` in its own process group; `lines` collects everything it prints. `env`: its environment
-    (default: this process's)."""
+class OutputProcess:
+    """A command whose stdout and stderr `lines` collects, as it prints them; `env`: its environment (default:
+    this process's). With `new_session`, it leads a process group of its own."""
 
-    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None):
-        argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--port", "0", *args]
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, new_session: bool = False):
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            text=True, bufsize=1, start_new_session=True, env=env,
+            text=True, bufsize=1, start_new_session=new_session, env=env,
         )  # fmt: skip
         self.lines: list[str] = []
         self._changed = threading.Condition()
@@ -96,6 +95,14 @@ class UpProcess:
                 if left <= 0 or self.proc.poll() is not None:
                     raise AssertionError(f"no line matching {pattern!r}; output:\n" + "\n".join(self.lines[-60:]))
                 self._changed.wait(min(left, 1.0))
+
+
+class UpProcess(OutputProcess):
+    """`moemesh up` in its own process group; `lines` collects everything it prints."""
+
+    def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None):
+        argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--port", "0", *args]
+        super().__init__(argv, env, new_session=True)
 
     def stop(self, timeout_s: float = 60) -> int:
         """SIGTERM; the exit code, once `lines` holds everything it and its children printed."""
