@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--tls-ca", type=Path, help="connect with TLS, verifying the gateway against this PEM CA")
 
+    probe = sub.add_parser("health", help="ask a service's grpc.health.v1 for its status (exit 0: SERVING)")
+    probe.add_argument("address", help="host:port of a gateway, router or expert")
+    probe.add_argument("--service", default="", help="health service name ('': liveness; moemesh.v1.Gateway)")
+    probe.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    probe.add_argument("--tls-ca", type=Path, help="connect with TLS, verifying the service against this PEM CA")
+    probe.add_argument("--tls-cert", type=Path, help="client certificate (routers and experts serve mutual TLS)")
+    probe.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+
     certs = sub.add_parser("certs", help="write a development CA and a certificate for every service into DIR")
     certs.add_argument("dir", type=Path, help="created if missing; existing certificates are never overwritten")
     certs.add_argument(
@@ -119,6 +127,10 @@ def _run(args: argparse.Namespace) -> int:
         from moemesh.client import stream_generate
 
         return stream_generate(args.address, args.prompt, args.max_new_tokens, args.temperature, args.tls_ca)
+    if args.command == "health":
+        from moemesh.probe import run_health
+
+        return run_health(args.address, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key)
     if args.command == "certs":
         from moemesh import certs
 
