@@ -5,9 +5,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moemesh import settings as settings_mod
 from moemesh.errors import ConfigError, MoemeshError
+
+if TYPE_CHECKING:
+    from moemesh.plan import Plan
 
 SERVICES = {
     "gateway": (settings_mod.GatewaySettings, "services.gateway.server"),
@@ -78,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--pools", type=int, default=2, help="expert services (pools)")
     plan.add_argument("--slots", type=int, help="experts per pool (default: experts / pools + 1)")
     plan.add_argument("--registry", default="redis://127.0.0.1:6379/0", help="printed in the commands")
+    plan.add_argument(
+        "--format", default="text", choices=["text", "kustomize"], help="kustomize: write the pools as an overlay"
+    )
+    plan.add_argument("--out", type=Path, help="with --format kustomize: the overlay's directory")
+    plan.add_argument("--k8s", type=Path, default=Path("deploy/k8s"), help="the manifests (base/ and pool/) it patches")
+    plan.add_argument("--pool-prefix", default="plan", help="pools are named <prefix>0, <prefix>1, ...")
+    plan.add_argument("--min-replicas", type=_positive, default=1, help="replicas of each pool (autoscaler minimum)")
+    plan.add_argument("--max-replicas", type=_positive, default=4, help="autoscaler maximum of each pool")
 
     keys = sub.add_parser("keys", help="manage the gateway's API keys (a key file, or Redis)")
     keys.add_argument("action", choices=["add", "list", "revoke"])
@@ -152,10 +164,15 @@ def _run(args: argparse.Namespace) -> int:
         from moemesh.families import load_config
         from moemesh.plan import balance, load_from_metrics, report
 
+        if (args.format == "kustomize") != (args.out is not None):
+            raise ConfigError("--out goes with --format kustomize, and it needs one")
         cfg = load_config(args.model)
         text = urllib.request.urlopen(f"http://{args.metrics}/metrics", timeout=10).read().decode()
         slots = args.slots or cfg.num_experts // args.pools + 1
-        print(report(balance(load_from_metrics(text), cfg.num_experts, args.pools, slots), args.model, args.registry))
+        plan = balance(load_from_metrics(text), cfg.num_experts, args.pools, slots)
+        print(report(plan, args.model, args.registry))
+        if args.format == "kustomize":
+            _write_plan_overlay(plan, args)
         return 0
     if args.command == "keys":
         from moemesh.keys_cli import run_keys
@@ -165,6 +182,19 @@ def _run(args: argparse.Namespace) -> int:
         print(demo_model.build(args.out or demo_model.DEMO_DIR))
         return 0
     raise AssertionError(args.command)
+
+
+def _write_plan_overlay(plan: "Plan", args: argparse.Namespace) -> None:
+    from moemesh.checkpoint import Checkpoint
+    from moemesh.kustomize import write_overlay
+    from moemesh.plan import kustomize_pools
+
+    ckpt = Checkpoint(args.model)
+    pools = kustomize_pools(
+        plan, ckpt.tensors, ckpt.config.checkpoint_dtype, args.pool_prefix, args.min_replicas, args.max_replicas
+    )
+    for path in write_overlay(args.out, pools, args.k8s / "base", args.k8s / "pool"):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
