@@ -78,7 +78,11 @@ def test_each_pool_has_its_autoscaler_and_disruption_budget(objects):
     for name, deployment in deployments.items():
         pool = deployment["metadata"]["labels"]["moemesh.io/pool"]
         assert deployment["spec"]["selector"]["matchLabels"]["moemesh.io/pool"] == pool
-        assert autoscalers[name]["spec"]["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert autoscalers[name]["spec"]["scaleTargetRef"] == {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "name": name,
+        }
         assert budgets[name]["spec"]["selector"]["matchLabels"] == deployment["spec"]["selector"]["matchLabels"]
         metrics = {m["type"]: m for m in autoscalers[name]["spec"]["metrics"]}
         assert metrics["Resource"]["resource"]["name"] == "cpu"
