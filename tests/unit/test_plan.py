@@ -71,8 +71,9 @@ def router_metrics():
 @pytest.mark.timeout(120)
 def test_plan_writes_a_kustomize_overlay(mixtral_dir, router_metrics, tmp_path, capsys):
     out = tmp_path / "overlay"
+    k8s = str(REPO / "deploy" / "k8s")
     argv = ["plan", str(mixtral_dir), "--metrics", router_metrics, "--pools", "2", "--format", "kustomize",
-            "--out", str(out), "--k8s", str(REPO / "deploy" / "k8s"), "--pool-prefix", "hot", "--min-replicas", "2"]  # fmt: skip
+            "--out", str(out), "--k8s", k8s, "--pool-prefix", "hot", "--min-replicas", "2"]  # fmt: skip
     assert main(argv) == 0
     printed = capsys.readouterr().out
     ckpt = Checkpoint(mixtral_dir)
