@@ -152,3 +152,15 @@ def test_references_resolve(objects):
                 assert volume["secret"]["secretName"] in secrets
             if "persistentVolumeClaim" in volume:
                 assert volume["persistentVolumeClaim"]["claimName"] in claims | {"moemesh-model"}
+
+
+@pytest.mark.timeout(30)
+def test_the_adapter_serves_the_autoscalers_metric_from_the_scraped_pods():
+    rules = yaml.safe_load((K8S / "prometheus-adapter.yaml").read_text())["rules"]
+    assert [rule["name"]["as"] for rule in rules] == [QUEUE_DEPTH._name]
+    assert rules[0]["seriesQuery"].startswith(QUEUE_DEPTH._name + "{")
+    assert set(rules[0]["resources"]["overrides"]) == {"namespace", "pod"}
+    jobs = yaml.safe_load((K8S / "prometheus-scrape.yaml").read_text())["scrape_configs"]
+    assert [job["job_name"] for job in jobs] == ["moemesh-gateway", "moemesh-router", "moemesh-expert"]
+    for job in jobs:
+        assert {"namespace", "pod"} <= {r.get("target_label") for r in job["relabel_configs"]}
