@@ -5,9 +5,13 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from moemesh import settings as settings_mod
 from moemesh.errors import ConfigError, MoemeshError
+
+if TYPE_CHECKING:
+    from moemesh.plan import Plan
 
 SERVICES = {
     "gateway": (settings_mod.GatewaySettings, "services.gateway.server"),
@@ -53,6 +57,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--tls-ca", type=Path, help="connect with TLS, verifying the gateway against this PEM CA")
 
+    probe = sub.add_parser("health", help="ask a service's grpc.health.v1 for its status (exit 0: SERVING)")
+    probe.add_argument("address", help="host:port of a gateway, router or expert")
+    probe.add_argument("--service", default="", help="health service name ('': liveness; moemesh.v1.Gateway)")
+    probe.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for the answer")
+    probe.add_argument("--tls-ca", type=Path, help="connect with TLS, verifying the service against this PEM CA")
+    probe.add_argument("--tls-cert", type=Path, help="client certificate (routers and experts serve mutual TLS)")
+    probe.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
+
     certs = sub.add_parser("certs", help="write a development CA and a certificate for every service into DIR")
     certs.add_argument("dir", type=Path, help="created if missing; existing certificates are never overwritten")
     certs.add_argument(
@@ -70,6 +82,14 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--pools", type=int, default=2, help="expert services (pools)")
     plan.add_argument("--slots", type=int, help="experts per pool (default: experts / pools + 1)")
     plan.add_argument("--registry", default="redis://127.0.0.1:6379/0", help="printed in the commands")
+    plan.add_argument(
+        "--format", default="text", choices=["text", "kustomize"], help="kustomize: write the pools as an overlay"
+    )
+    plan.add_argument("--out", type=Path, help="with --format kustomize: the overlay's directory")
+    plan.add_argument("--k8s", type=Path, default=Path("deploy/k8s"), help="the manifests (base/ and pool/) it patches")
+    plan.add_argument("--pool-prefix", default="plan", help="pools are named <prefix>0, <prefix>1, ...")
+    plan.add_argument("--min-replicas", type=_positive, default=1, help="replicas of each pool (autoscaler minimum)")
+    plan.add_argument("--max-replicas", type=_positive, default=4, help="autoscaler maximum of each pool")
 
     keys = sub.add_parser("keys", help="manage the gateway's API keys (a key file, or Redis)")
     keys.add_argument("action", choices=["add", "list", "revoke"])
@@ -119,6 +139,10 @@ def _run(args: argparse.Namespace) -> int:
         from moemesh.client import stream_generate
 
         return stream_generate(args.address, args.prompt, args.max_new_tokens, args.temperature, args.tls_ca)
+    if args.command == "health":
+        from moemesh.probe import run_health
+
+        return run_health(args.address, args.service, args.timeout, args.tls_ca, args.tls_cert, args.tls_key)
     if args.command == "certs":
         from moemesh import certs
 
@@ -140,10 +164,15 @@ def _run(args: argparse.Namespace) -> int:
         from moemesh.families import load_config
         from moemesh.plan import balance, load_from_metrics, report
 
+        if (args.format == "kustomize") != (args.out is not None):
+            raise ConfigError("--out goes with --format kustomize, and it needs one")
         cfg = load_config(args.model)
         text = urllib.request.urlopen(f"http://{args.metrics}/metrics", timeout=10).read().decode()
         slots = args.slots or cfg.num_experts // args.pools + 1
-        print(report(balance(load_from_metrics(text), cfg.num_experts, args.pools, slots), args.model, args.registry))
+        plan = balance(load_from_metrics(text), cfg.num_experts, args.pools, slots)
+        print(report(plan, args.model, args.registry))
+        if args.format == "kustomize":
+            _write_plan_overlay(plan, args)
         return 0
     if args.command == "keys":
         from moemesh.keys_cli import run_keys
@@ -153,6 +182,19 @@ def _run(args: argparse.Namespace) -> int:
         print(demo_model.build(args.out or demo_model.DEMO_DIR))
         return 0
     raise AssertionError(args.command)
+
+
+def _write_plan_overlay(plan: "Plan", args: argparse.Namespace) -> None:
+    from moemesh.checkpoint import Checkpoint
+    from moemesh.kustomize import write_overlay
+    from moemesh.plan import kustomize_pools
+
+    ckpt = Checkpoint(args.model)
+    pools = kustomize_pools(
+        plan, ckpt.tensors, ckpt.config.checkpoint_dtype, args.pool_prefix, args.min_replicas, args.max_replicas
+    )
+    for path in write_overlay(args.out, pools, args.k8s / "base", args.k8s / "pool"):
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

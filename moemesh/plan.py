@@ -10,8 +10,12 @@ contiguous `i/N` shards) and after.
 import re
 from dataclasses import dataclass
 
+import torch
+
 from moemesh.errors import InvalidArgument
-from moemesh.sharding import shard_experts
+from moemesh.families import TensorTable
+from moemesh.kustomize import Pool
+from moemesh.sharding import shard_bytes, shard_experts
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,17 @@ def report(plan: Plan, model: str, registry: str) -> str:
         spec = ",".join(map(str, experts))
         lines.append(f"pool {i}: moemesh expert --model {model} --shard {spec} --registry {registry}")
     return "\n".join(lines)
+
+
+def kustomize_pools(
+    plan: Plan, table: TensorTable, dtype: torch.dtype, prefix: str, min_replicas: int, max_replicas: int
+) -> list[Pool]:
+    """The plan's pools as `<prefix><i>`, sized by the bytes of expert weights each holds at `dtype`."""
+    specs = [",".join(map(str, experts)) for experts in plan.pools]
+    return [
+        Pool(f"{prefix}{i}", spec, shard_bytes(table, spec, dtype), min_replicas, max_replicas)
+        for i, spec in enumerate(specs)
+    ]
 
 
 def _imbalance(loads: list[float]) -> float:

@@ -6,6 +6,7 @@ Key `moemesh:experts:{address}`, value JSON {fingerprint, layers: {layer: [exper
 
 import json
 import logging
+import socket
 import threading
 
 import redis
@@ -15,6 +16,16 @@ from moemesh.telemetry import REDIS_ERRORS
 log = logging.getLogger(__name__)
 
 PREFIX = "moemesh:experts:"
+WILDCARDS = ("0.0.0.0", "::", "[::]", "")
+
+
+def advertised_address(host: str, port: int) -> str:
+    """Where routers reach a replica bound to `host:port` that was given no `--advertise`: `host:port`, or for
+    a wildcard bind (a container's 0.0.0.0) the address the machine's own host name resolves to, which in a
+    container (Docker, Kubernetes) is its own IP, distinct for every replica of a scaled service."""
+    if host in WILDCARDS:
+        host = socket.gethostbyname(socket.gethostname())
+    return f"{host}:{port}"
 
 
 class Registration:

@@ -70,7 +70,11 @@ class ExpertSettings(ServiceSettings):
 
     shard: str = Field("0/1", description="i/N: hold the i-th of N contiguous slices of every layer's experts")
     registry: str | None = Field(None, description="Redis URL to announce this replica in (heartbeat TTL)")
-    advertise: str | None = Field(None, description="address routers reach this replica at; default host:port")
+    advertise: str | None = Field(
+        None,
+        description="address routers reach this replica at; default host:port, or with host 0.0.0.0 the IP that "
+        "this machine's host name resolves to (a container's own)",
+    )
     quantize: Literal["none", "int8"] = Field("none", description="int8: weight-only, per output channel")
     fault_slowdown: float = Field(
         1.0, description="fault injection for tests: while on (SIGUSR1 toggles), each call takes this many times longer"

@@ -7,7 +7,7 @@ import torch
 
 from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
-from moemesh.registry import Registration
+from moemesh.registry import Registration, advertised_address
 from moemesh.rpc import Service
 from moemesh.settings import ExpertSettings
 from moemesh.telemetry import serve_metrics
@@ -54,6 +54,6 @@ def serve(settings: ExpertSettings) -> None:
     if settings.registry:
         info = {"fingerprint": shard.fingerprint, "layers": shard.layers}
         client = settings.tls().redis(settings.registry, socket_timeout=2)
-        registration = Registration(client, settings.advertise or service.address, info)
+        registration = Registration(client, settings.advertise or advertised_address(settings.host, service.port), info)
         registration.start()
     service.serve_until_signal(settings.grace_s, before_drain=registration.stop if registration else None)

@@ -1,9 +1,18 @@
 """EPLB-style planning: replicate the hottest experts and balance the pools."""
 
+import http.server
+import threading
+
 import pytest
 
+from moemesh.checkpoint import Checkpoint
+from moemesh.cli import main
 from moemesh.errors import InvalidArgument
+from moemesh.kustomize import Pool
 from moemesh.plan import balance, load_from_metrics
+from moemesh.sharding import shard_bytes
+from tests.deploy.kustomize_build import build
+from tests.deploy.manifests import REPO
 
 
 def test_skewed_load_is_balanced():
@@ -35,3 +44,53 @@ def test_load_from_router_metrics():
         'moemesh_router_expert_tokens_created{expert="3",layer="1"} 1.7e9\n'
     )
     assert load_from_metrics(text) == {0: 12.0, 3: 2.0}
+
+
+@pytest.fixture
+def router_metrics():
+    """A router's /metrics with expert 0 hot, on a free port."""
+    text = "".join(
+        f'moemesh_router_expert_tokens_total{{expert="{e}",layer="0"}} {100 if e == 0 else 5}.0\n' for e in range(4)
+    )
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(text.encode())
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"127.0.0.1:{server.server_port}"
+    server.shutdown()
+
+
+@pytest.mark.timeout(120)
+def test_plan_writes_a_kustomize_overlay(mixtral_dir, router_metrics, tmp_path, capsys):
+    out = tmp_path / "overlay"
+    k8s = str(REPO / "deploy" / "k8s")
+    argv = ["plan", str(mixtral_dir), "--metrics", router_metrics, "--pools", "2", "--format", "kustomize",
+            "--out", str(out), "--k8s", k8s, "--pool-prefix", "hot", "--min-replicas", "2"]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    ckpt = Checkpoint(mixtral_dir)
+    assert ckpt.config.num_experts == 4
+    deployments = {o["metadata"]["name"]: o for o in build(out) if o["kind"] == "Deployment"}
+    assert {"moemesh-gateway", "moemesh-router", "moemesh-expert-hot0", "moemesh-expert-hot1"} == set(deployments)
+    for i in range(2):
+        spec = deployments[f"moemesh-expert-hot{i}"]["spec"]
+        env = {e["name"]: e.get("value") for e in spec["template"]["spec"]["containers"][0]["env"]}
+        assert f"pool {i}: moemesh expert --model {mixtral_dir} --shard {env['MOEMESH_SHARD']} " in printed
+        assert "0" in env["MOEMESH_SHARD"].split(",")  # the hot expert is in both pools
+        weights = shard_bytes(ckpt.tensors, env["MOEMESH_SHARD"], ckpt.config.checkpoint_dtype)
+        memory = spec["template"]["spec"]["containers"][0]["resources"]["requests"]["memory"]
+        assert memory == f"{Pool('', '', weights).memory_mib()}Mi"
+        assert spec["replicas"] == 2
+
+
+@pytest.mark.timeout(30)
+def test_out_goes_with_the_kustomize_format(tmp_path):
+    assert main(["plan", str(tmp_path), "--metrics", "127.0.0.1:1", "--out", str(tmp_path)]) == 2
