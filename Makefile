@@ -5,6 +5,8 @@ STAMP := .venv/.installed
 
 install: protos
 	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
+# `ip netns` for the multi-host test (tests/test_multihost.py), from iproute2.
+	command -v ip >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y iproute2)
 # promtool (tests/test_observability_config.py) comes with Debian's prometheus package; its daemon is not wanted.
 	command -v promtool >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus \
 		&& { ! command -v systemctl >/dev/null || systemctl disable --now prometheus >/dev/null 2>&1 || true; })
