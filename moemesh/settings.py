@@ -12,6 +12,7 @@ import torch
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from moemesh import hardware
 from moemesh.codec import parse_dtype
 from moemesh.tls import Tls
 
@@ -25,9 +26,17 @@ class ServiceSettings(BaseSettings):
     model: Path = Field(description="Hugging Face checkpoint directory")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(0, description="port to bind; 0 picks a free one (printed on the ready line)")
-    dtype: ComputeDType = Field("auto", description="compute dtype; auto: the checkpoint's")
+    dtype: ComputeDType = Field(
+        "auto",
+        description="compute dtype; auto: the checkpoint's, but fp32 for a bf16/fp16 checkpoint on a CPU "
+        "without native bf16 (AVX512_BF16, AMX)",
+    )
     wire_dtype: WireDType = Field("auto", description="dtype of tensors between services; auto: the compute dtype")
-    threads: int = Field(0, description="torch intra-op threads; 0: torch's default")
+    threads: int = Field(
+        0,
+        description="torch intra-op threads; 0: the cores this process may use (its CPU "
+        "affinity capped by its cgroup's CPU quota)",
+    )
     grace_s: float = Field(10.0, description="seconds to finish in-flight work on SIGTERM")
     metrics_port: int = Field(-1, description="Prometheus metrics HTTP port; -1: off, 0: a free port")
     tls_cert: Path | None = Field(
@@ -59,7 +68,10 @@ class ServiceSettings(BaseSettings):
         return Tls.load(self.tls_cert, self.tls_key, self.tls_ca)
 
     def compute_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
-        return checkpoint_dtype if self.dtype == "auto" else parse_dtype(self.dtype)
+        return hardware.auto_compute_dtype(checkpoint_dtype) if self.dtype == "auto" else parse_dtype(self.dtype)
+
+    def set_torch_threads(self) -> None:
+        torch.set_num_threads(self.threads or hardware.available_cores())
 
     def wire_torch_dtype(self, compute: torch.dtype) -> torch.dtype:
         return compute if self.wire_dtype == "auto" else parse_dtype(self.wire_dtype)

@@ -3,8 +3,6 @@
 import signal
 import time
 
-import torch
-
 from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
 from moemesh.registry import Registration, advertised_address
@@ -37,8 +35,7 @@ def load_shard(settings: ExpertSettings, servicer: ExpertServicer) -> None:
 
 
 def serve(settings: ExpertSettings) -> None:
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    settings.set_torch_threads()
     tracing.setup("moemesh-expert")
     service, servicer = create_service(settings, load=False)
     serve_metrics("expert", settings.host, settings.metrics_port)

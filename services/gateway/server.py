@@ -3,7 +3,6 @@
 from pathlib import Path
 
 import redis
-import torch
 from grpc_reflection.v1alpha import reflection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -164,8 +163,7 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
 
 
 def serve(settings: GatewaySettings) -> None:
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    settings.set_torch_threads()
     tracing.setup("moemesh-gateway")
     service, engine = create_service(settings)
     serve_metrics("gateway", settings.host, settings.metrics_port)

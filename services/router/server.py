@@ -3,8 +3,6 @@
 import time
 from pathlib import Path
 
-import torch
-
 from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
 from moemesh.errors import CheckpointError
@@ -69,8 +67,7 @@ def wait_for_coverage(placement: Placement, static: list[str], timeout_s: float)
 
 
 def serve(settings: RouterSettings) -> None:
-    if settings.threads:
-        torch.set_num_threads(settings.threads)
+    settings.set_torch_threads()
     tracing.setup("moemesh-router")
     service = create_service(settings)
     serve_metrics("router", settings.host, settings.metrics_port)

@@ -1,0 +1,77 @@
+"""What the CPU this process runs on can do, so that defaults fit it: the compute dtype and torch's threads.
+
+bf16 matmuls are fast only where the CPU computes in bf16 natively (AVX512_BF16 or AMX on x86, the BF16
+extension on Arm); elsewhere torch converts every operand and a bf16 matmul runs several times slower than
+fp32 (17 against 93 GFLOP/s at 128 rows on an AVX2-only EPYC). The cores a service may use are its CPU
+affinity bounded by its cgroup's CPU quota (a container's `--cpus`, a pod's CPU limit), which torch's own
+default ignores.
+"""
+
+import functools
+import math
+import os
+import platform
+from pathlib import Path
+
+import torch
+
+_BF16_FLAGS = {"avx512_bf16", "amx_bf16", "bf16"}  # x86 (AVX-512, AMX), aarch64 ("Features: ... bf16")
+
+
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The first CPU's flags (x86 `flags`, Arm `Features`) from /proc/cpuinfo; empty where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    return frozenset()
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def native_bf16() -> bool:
+    return bool(cpu_flags() & _BF16_FLAGS)
+
+
+def auto_compute_dtype(checkpoint_dtype: torch.dtype) -> torch.dtype:
+    """`--dtype auto` on the CPU: fp32 checkpoints compute in fp32; half-precision ones in bf16 where the CPU
+    has native bf16, else in fp32 (several times faster there, and exact)."""
+    if checkpoint_dtype == torch.float32:
+        return checkpoint_dtype
+    return torch.bfloat16 if native_bf16() else torch.float32
+
+
+def available_cores() -> int:
+    """Cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (rounded up)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs the cgroup's quota allows (cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us`); None: no quota."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota_us / period_us if quota_us > 0 else None
