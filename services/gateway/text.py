@@ -55,6 +55,9 @@ def _controls_as_text(tokenizer: Tokenizer) -> Tokenizer:
     return copy
 
 
+CONTEXT_TOKENS = 4  # tokens decoded again before new ones, so that their text comes out as in the whole
+
+
 class TextStream:
     """Turns generated ids into text deltas: never half a UTF-8 character, never part of a stop string,
     never text an output rule blocks.
@@ -69,6 +72,8 @@ class TextStream:
     def __init__(self, codec: TextCodec | None, stop: tuple[str, ...], guard: OutputGuard | None = None):
         self.codec, self.stop, self.guard = codec, stop, guard
         self.ids: list[int] = []  # tokens with text (not the EOS that ends a generation)
+        self.text = ""  # the text of ids[: self._read], decoded for good
+        self._prefix = self._read = 0  # ids[_prefix:_read]: the context the next tokens are decoded after
         self.ends: list[int] = []  # for every token: the length of the text once it was added
         self.emitted = 0  # characters of the decoded text already returned
         self.finished = False  # ended without a rule matching: every token is released
@@ -86,7 +91,7 @@ class TextStream:
             self.ends.append(0)
             return "", ""
         self.ids.append(token)
-        text = self.codec.decode(self.ids)
+        text = self._decoded()
         partial = text.endswith("\ufffd")  # a character whose remaining bytes come with the next token
         self.ends.append(len(text) - partial)
         hits = [i for i in (text.find(s, max(0, self.emitted - len(s) + 1)) for s in self.stop) if i >= 0]
@@ -110,13 +115,25 @@ class TextStream:
         if self.codec is None:
             self.finished = True
             return "", ""
-        text = self.codec.decode(self.ids)
+        text = self._decoded()
         if self.guard is not None:
             end, rule = self.guard.scan(text, self.emitted, len(text), final=True)
             if rule is not None:
                 return self._emit(text, end), "filtered"
         self.finished = True
         return self._emit(text, len(text)), ""
+
+    def _decoded(self) -> str:
+        """The text of all ids so far, decoding only the tokens since the last complete character after a
+        few tokens of context (a token's text may depend on the one before it: SentencePiece's leading
+        space, byte pieces), as TGI and vLLM do; decoding everything every token would be quadratic."""
+        context = self.codec.decode(self.ids[self._prefix : self._read])
+        window = self.codec.decode(self.ids[self._prefix :])
+        text = self.text + window[len(context) :]
+        if not window.endswith("\ufffd"):  # whole characters: decoded for good
+            self.text = text
+            self._prefix, self._read = max(self._prefix, self._read - CONTEXT_TOKENS), len(self.ids)
+        return text
 
     def _emit(self, text: str, end: int) -> str:
         delta = text[self.emitted : end]

@@ -1,9 +1,10 @@
 """`services.gateway.text.TextStream` with the real DeepSeek tokenizer: UTF-8 safety and stop strings."""
 
+import random
 from importlib.resources import files
 
 import pytest
-from tokenizers import Tokenizer
+from tokenizers import SentencePieceBPETokenizer, Tokenizer
 
 from services.gateway.text import TextCodec, TextStream
 
@@ -165,3 +166,24 @@ def test_without_a_codec_no_text():
     stream = TextStream(None, ("x",))
     assert stream.add(5) == ("", "")
     assert stream.flush() == ("", "")
+
+
+def _sentencepiece_codec() -> TextCodec:
+    """A SentencePiece-style tokenizer (Metaspace: "▁" for spaces, the first one dropped when decoding)."""
+    tokenizer = SentencePieceBPETokenizer()
+    tokenizer.train_from_iterator([MIXED, "the quick brown fox jumps over the lazy dog " * 3], vocab_size=120)
+    return TextCodec(tokenizer._tokenizer)
+
+
+@pytest.mark.parametrize("tokenizer", ["byte-level BPE", "SentencePiece"])
+def test_incremental_decoding_gives_the_whole_decode_after_every_token(codec, tokenizer):
+    """The stream decodes only a window of recent tokens; after every token its text must be what decoding
+    all of them gives: random ids (bytes that split characters, rare pieces) and a real multilingual text."""
+    codec = codec if tokenizer == "byte-level BPE" else _sentencepiece_codec()
+    rng = random.Random(7)
+    vocab = codec.tokenizer.get_vocab_size()
+    for ids in ([rng.randrange(vocab) for _ in range(300)], codec.encode(MIXED * 5 + " the lazy dog")):
+        stream = TextStream(codec, ())
+        for i, token in enumerate(ids):
+            stream.add(token)
+            assert stream._decoded() == codec.decode(ids[: i + 1]), i
