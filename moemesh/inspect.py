@@ -8,11 +8,18 @@ from moemesh.checkpoint import Checkpoint
 from moemesh.sharding import shard_bytes, shard_experts
 
 
-def report(ckpt: Checkpoint, shards: int, dtype: torch.dtype) -> str:
+def parameter_counts(ckpt: Checkpoint) -> tuple[int, int, int]:
+    """Parameters of the gateway's dense part, the router's gates and the routed experts."""
     cfg, table = ckpt.config, ckpt.tensors
     dense = sum(math.prod(shape) for _, shape in table.dense().values())
     gates = sum(math.prod(shape) for layer in cfg.moe_layers for _, shape in table.gate(layer).values())
     routed = sum(math.prod(shape) for _, shape in table.all().values()) - dense - gates
+    return dense, gates, routed
+
+
+def report(ckpt: Checkpoint, shards: int, dtype: torch.dtype) -> str:
+    cfg, table = ckpt.config, ckpt.tensors
+    dense, gates, routed = parameter_counts(ckpt)
     attention = f"MLA (latent {cfg.mla.kv_lora_rank})" if cfg.mla else f"GQA {cfg.num_heads}/{cfg.num_kv_heads} heads"
     window = f", sliding window {cfg.sliding_window} on {len(cfg.sliding_layers)} layers" if cfg.sliding_window else ""
     lines = [
