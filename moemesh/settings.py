@@ -116,6 +116,11 @@ class GatewaySettings(ServiceSettings):
     redis: str | None = Field(None, description="Redis URL for sessions")
     max_batch_seqs: int = Field(64, description="most sequences in one engine step")
     max_batch_tokens: int = Field(512, description="token budget of one engine step (chunked prefill)")
+    max_decode_stall_ms: float = Field(
+        250.0,
+        description="inter-token budget: while sequences decode, a step's prefill chunk is capped so the step is "
+        "estimated (from measured step times) to take at most this long; 0: only max_batch_tokens caps it",
+    )
     max_waiting: int = Field(1024, description="most requests queued for admission; beyond: RESOURCE_EXHAUSTED")
     default_max_new_tokens: int = Field(64, description="max_new_tokens when a request leaves it unset")
     max_new_tokens_limit: int = Field(4096, description="largest max_new_tokens a request may ask for")

@@ -283,3 +283,20 @@ def test_only_keys_that_allow_it_send_system_messages(mixtral_dir, tmp_path, red
             list(stub.Chat(request, timeout=60, metadata=bearer(plain)))
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "messages[0]" in info.value.details()
         assert list(stub.Chat(request, timeout=60, metadata=bearer(trusted)))[-1].finish_reason
+
+
+@pytest.mark.timeout(120)
+def test_only_keys_that_allow_it_ask_for_priority_ahead_of_the_default(mixtral_dir, tmp_path, redis_server):
+    store = KeyFile(tmp_path / "keys")
+    plain, trusted = store.add(parse_fields("plain", [])), store.add(parse_fields("vip", ["allow_priority=true"]))
+    chat_request = gateway_pb2.ChatRequest(
+        messages=[gateway_pb2.Message(role="user", content="Hi")], sampling=P(max_new_tokens=2), priority=-1
+    )
+    with gateway(mixtral_dir, api_keys=str(store.path), redis=redis_server.url) as stub:
+        assert code_of(lambda: generate(stub, plain, priority=-1)) == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as info:
+            list(stub.Chat(chat_request, timeout=60, metadata=bearer(plain)))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED and "priority" in info.value.details()
+        assert generate(stub, plain, priority=3)  # behind the default: anyone may
+        assert generate(stub, trusted, priority=-1)
+        assert list(stub.Chat(chat_request, timeout=60, metadata=bearer(trusted)))[-1].finish_reason

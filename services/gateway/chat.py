@@ -51,12 +51,13 @@ class Conversations:
         deadline: float | None = None,
         *,
         allow_system: bool = True,
+        priority: int = 0,
     ) -> Iterator[StepOutput]:
         """Streams the reply to `messages`; the session is saved only when the turn completes.
 
         The messages' contents pass the input filter first: the session stores them as filtered. If the
         finished turn cannot be saved, the client still gets the whole reply, then the error.
-        `allow_system`: whether the caller may send system messages.
+        `allow_system`: whether the caller may send system messages; `priority`: the engine's (lower first).
         """
         if self.encoder is None:
             raise InvalidArgument("messages: this model has no chat template; use Generate")
@@ -78,7 +79,7 @@ class Conversations:
                 raise ResourceExhausted(
                     f"session_id: the conversation is {len(prompt)} tokens, over the session limit of {self.max_tokens}"
                 )
-            request = requests.with_sampling(prompt, sampling, self.engine.text, self.limits)
+            request = requests.with_sampling(prompt, sampling, self.engine.text, self.limits, priority)
             cache = self.engine.new_cache(request)
             with tracing.span("session.kv_load") as span:
                 cached = self.kv.load(session_id, prompt, state.token_ids, cache)

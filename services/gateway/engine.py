@@ -13,7 +13,6 @@ import queue
 import random
 import threading
 import time
-from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,6 +26,7 @@ from services.gateway.content.output_guard import OutputGuard
 from services.gateway.request_trace import RequestTrace
 from services.gateway.requests import GenerationRequest, StepOutput
 from services.gateway.sampling import sample
+from services.gateway.scheduler import StepCost, next_to_admit, prefill_order
 from services.gateway.text import TextCodec, TextStream
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,7 @@ class EngineConfig:
     max_batch_seqs: int
     max_batch_tokens: int
     max_waiting: int
+    max_decode_stall_s: float = 0.0  # inter-token budget that caps prefill chunks beside decodes; 0: none
 
 
 class Sequence:
@@ -45,6 +46,7 @@ class Sequence:
     def __init__(self, request: GenerationRequest, text: TextStream, cache: KVCache | None, deadline: float | None):
         self.prompt_ids = request.prompt_ids
         self.sampling = request.sampling
+        self.priority = request.priority
         self.text = text
         self.output_ids: list[int] = []
         self.logprobs: list[float] = []
@@ -114,7 +116,8 @@ class Engine:
         self.eos_ids = set(eos_ids)
         self.dtype = model.embed_tokens.weight.dtype
         self.running: list[Sequence] = []
-        self._waiting: deque[Sequence] = deque()
+        self._waiting: list[Sequence] = []
+        self.cost = StepCost()
         self._wakeup = threading.Condition()
         self._stopped = False
         self._crash = False  # fault injection (`crash_after`)
@@ -148,7 +151,7 @@ class Engine:
             self._wakeup.notify()
         self._thread.join()
         left = [*self.running, *self._waiting]
-        self.running, self._waiting = [], deque()
+        self.running, self._waiting = [], []
         for seq in left:
             seq.emit(Unavailable("the gateway is shutting down; retry on another replica"))
 
@@ -185,7 +188,7 @@ class Engine:
             # another replica), and the thread dies, so that readiness turns NOT_SERVING.
             with self._wakeup:
                 left = [*self.running, *self._waiting]
-                self.running, self._waiting = [], deque()
+                self.running, self._waiting = [], []
             for seq in left:
                 seq.emit(Unavailable("the gateway's engine stopped; retry on another replica"))
             raise
@@ -217,7 +220,7 @@ class Engine:
 
     def _admit(self) -> None:
         while self._waiting and len(self.running) < self.config.max_batch_seqs:
-            seq = self._waiting.popleft()
+            seq = self._waiting.pop(next_to_admit(self._waiting))
             if seq.cache is None:
                 seq.cache = KVCache(self.model.cfg, len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.dtype)
             self.running.append(seq)
@@ -226,15 +229,18 @@ class Engine:
                 seq.trace.admitted(len(self.running))
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
-        """Decode tokens first (one each), then prefill chunks while the token budget lasts."""
+        """Decode tokens first (one each), then prefill chunks (see `scheduler`) while the budget lasts."""
         budget = self.config.max_batch_tokens
         chosen = [(s, 1) for s in self.running if s.pending == 1][:budget]
         budget -= len(chosen)
-        for seq in self.running:
-            if seq.pending > 1 and budget > 0:
-                take = min(seq.pending, budget)
-                chosen.append((seq, take))
-                budget -= take
+        if chosen and (room := self.cost.prefill_room(self.config.max_decode_stall_s)) is not None:
+            budget = min(budget, room)
+        for seq in prefill_order([s for s in self.running if s.pending > 1], time.monotonic()):
+            if budget <= 0:
+                break
+            take = min(seq.pending, budget)
+            chosen.append((seq, take))
+            budget -= take
         return chosen
 
     def _step(self) -> None:
@@ -255,7 +261,10 @@ class Engine:
         try:
             traced = [seq.trace.phase for seq, _ in chosen if seq.trace is not None]
             with tracing.step("gateway.step", traced, {"moemesh.sequences": len(chosen), "moemesh.tokens": len(ids)}):
+                started = time.monotonic()
                 logits = self._forward(batch)
+                prefill = sum(n for _, n in chosen if n > 1)
+                self.cost.observe(len(chosen) - sum(1 for _, n in chosen if n > 1), prefill, time.monotonic() - started)
             for seq, n in chosen:
                 seq.computed += n
                 seq.cache.length += n

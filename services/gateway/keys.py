@@ -20,7 +20,7 @@ from typing import Protocol
 
 import redis
 
-from moemesh.errors import ConfigError, Unauthenticated, Unavailable
+from moemesh.errors import ConfigError, PermissionDenied, Unauthenticated, Unavailable
 from moemesh.telemetry import REDIS_ERRORS
 
 REDIS_KEYS = "moemesh:keys"
@@ -37,6 +37,11 @@ class KeyInfo:
     max_sessions: int = 0  # live sessions the key owns
     max_streams: int = 0  # calls of the key open at once on one gateway
     allow_system: bool = False  # may send `system` chat messages
+    allow_priority: bool = False  # may ask for a priority ahead of the default (a negative value)
+
+    def check_priority(self, priority: int) -> None:
+        if priority < 0 and not self.allow_priority:
+            raise PermissionDenied(f"priority: {priority} is ahead of the default 0, which this key may not ask for")
 
     def fields(self) -> str:
         """The limits as `field=value` words, leaving out the defaults."""
@@ -48,7 +53,7 @@ class KeyInfo:
         )
 
 
-ANONYMOUS = KeyInfo("anonymous", allow_system=True)  # every caller when no keys are configured
+ANONYMOUS = KeyInfo("anonymous", allow_system=True, allow_priority=True)  # every caller when no keys are configured
 
 
 def new_secret() -> str:

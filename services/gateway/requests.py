@@ -49,6 +49,7 @@ class SamplingConfig:
 class GenerationRequest:
     prompt_ids: list[int]
     sampling: SamplingConfig
+    priority: int = 0  # lower values are admitted and prefilled first
 
 
 @dataclass
@@ -93,7 +94,7 @@ def merge(outputs: list[StepOutput]) -> StepOutput:
 def from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, limits: Limits) -> GenerationRequest:
     if msg.session_id:
         raise InvalidArgument("session_id: Generate keeps no session; use Chat for multi-turn conversations")
-    return with_sampling(_prompt_from_pb(msg, text, limits), msg.sampling, text, limits)
+    return with_sampling(_prompt_from_pb(msg, text, limits), msg.sampling, text, limits, msg.priority)
 
 
 def check_session_id(session_id: str) -> None:
@@ -133,7 +134,7 @@ def _prompt_from_pb(msg: gateway_pb2.GenerateRequest, text: TextCodec | None, li
 
 
 def with_sampling(
-    prompt_ids: list[int], msg: gateway_pb2.SamplingParams, text: TextCodec | None, limits: Limits
+    prompt_ids: list[int], msg: gateway_pb2.SamplingParams, text: TextCodec | None, limits: Limits, priority: int = 0
 ) -> GenerationRequest:
     """The request for a tokenized prompt, its sampling checked against the limits and the context left."""
     room = limits.max_context - len(prompt_ids)
@@ -148,7 +149,7 @@ def with_sampling(
             f"sampling.max_new_tokens: prompt ({len(prompt_ids)} tokens) + max_new_tokens "
             f"({sampling.max_new_tokens}) = {total} exceeds the context length {limits.max_context}"
         )
-    return GenerationRequest(prompt_ids, sampling)
+    return GenerationRequest(prompt_ids, sampling, priority)
 
 
 def _sampling_from_pb(

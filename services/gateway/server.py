@@ -54,7 +54,9 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
     else:
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
-    config = EngineConfig(settings.max_batch_seqs, settings.max_batch_tokens, settings.max_waiting)
+    config = EngineConfig(
+        settings.max_batch_seqs, settings.max_batch_tokens, settings.max_waiting, settings.max_decode_stall_ms / 1000
+    )
     text = TextCodec.from_dir(settings.model)
     eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids
     engine = Engine(DenseModel.from_checkpoint(ckpt, dtype), routed, config, text, eos_ids, controls.output)

@@ -77,10 +77,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
             else:
                 self.quotas.check_new_session(key)
             requests.check_chat_messages(request.messages, self.limits)
+            key.check_priority(request.priority)
             self.quotas.admit(key)
             turn = conversations.turn(
                 request.session_id, list(request.messages), request.sampling, key.id, context.add_callback,
-                client_deadline(context), allow_system=key.allow_system,
+                client_deadline(context), allow_system=key.allow_system, priority=request.priority,
             )  # fmt: skip
             used = 0
             try:
@@ -130,6 +131,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         if request.prompt and not request.prompt_token_ids and len(request.prompt) <= self.limits.max_prompt_chars:
             request.prompt = self.input_filter.apply("prompt", request.prompt)  # token ids are taken as they are
         parsed = requests.from_pb(request, self.engine.text, self.limits)
+        key.check_priority(parsed.priority)
         self.quotas.admit(key)
         seq = self.engine.submit(parsed, None, client_deadline(context))
         context.add_callback(lambda: self.engine.cancel(seq))  # the client went away: leave the batch

@@ -47,8 +47,8 @@ def engine(model_dir):
     e.stop()
 
 
-def request(prompt: list[int], max_new_tokens: int = 8, **sampling) -> GenerationRequest:
-    return GenerationRequest(list(prompt), SamplingConfig(max_new_tokens=max_new_tokens, **sampling))
+def request(prompt: list[int], max_new_tokens: int = 8, priority: int = 0, **sampling) -> GenerationRequest:
+    return GenerationRequest(list(prompt), SamplingConfig(max_new_tokens=max_new_tokens, **sampling), priority)
 
 
 def collect(seq, timeout_s: float = 60) -> StepOutput:
@@ -290,3 +290,33 @@ def test_stop_string_is_honored(text_engine, mixtral_dir):
     assert stop not in out.text
     assert out.token_ids == free.token_ids[: k + 2]  # stopped on the token that completed it
     assert out.completion_tokens == k + 2
+
+
+def test_priority_decides_who_is_admitted_when_a_place_frees(model_dir):
+    engine = start(model_dir, max_batch_seqs=1)
+    try:
+        first = engine.submit(request([1, 2, 3], max_new_tokens=40))
+        assert wait_until(lambda: first.output_ids)  # holds the only place in the batch
+        later = engine.submit(request([4, 5, 6], max_new_tokens=2, priority=5))
+        urgent = engine.submit(request([7, 8, 9], max_new_tokens=2, priority=-1))
+        collect(first), collect(later), collect(urgent)
+        assert urgent.first_token_at < later.first_token_at
+    finally:
+        engine.stop()
+
+
+def test_prefill_beside_decodes_is_capped_by_the_inter_token_budget(model_dir):
+    engine, _ = build_engine(
+        GatewaySettings(model=model_dir, dtype="float32", max_batch_tokens=512, max_decode_stall_ms=100)
+    )  # not started: the test drives the scheduler
+    decoding = engine.submit(request([1, 2, 3]))
+    long_, short = engine.submit(request(list(range(1, 301)))), engine.submit(request(list(range(1, 41))))
+    engine._admit()
+    decoding.computed, decoding.output_ids = 3, [5]  # its prompt is read: it decodes one token per step
+    engine.cost.decode_s, engine.cost.per_token_s = 0.020, 0.001  # as if measured
+    chosen = dict((seq, n) for seq, n in engine._schedule())
+    assert chosen[decoding] == 1
+    assert chosen[short] == 40  # the shorter prompt goes first, whatever the arrival order
+    assert chosen[long_] == 80 - 40  # 20 ms of decodes + 80 prefill tokens x 1 ms = the 100 ms budget
+    engine.cost.per_token_s = None  # nothing measured: only max_batch_tokens caps the step
+    assert sum(n for _, n in engine._schedule()) == 1 + 300 + 40
