@@ -75,3 +75,21 @@ def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     except (OSError, ValueError):
         return None
     return quota_us / period_us if quota_us > 0 else None
+
+
+def available_memory_bytes() -> int:
+    """Memory this process can still take: the system's MemAvailable, capped by its cgroup's limit."""
+    available = 0
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        limit, used = (Path("/sys/fs/cgroup") / name for name in ("memory.max", "memory.current"))
+        if (text := limit.read_text().strip()) != "max":
+            available = min(available or 2**62, int(text) - int(used.read_text()))
+    except (OSError, ValueError):
+        pass
+    return max(available, 0)

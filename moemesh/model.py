@@ -7,6 +7,7 @@ E = experts, A = active experts per token, L = cached positions of one sequence,
 C = MLA latent rank, R = rotary dims.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -61,24 +62,61 @@ class RotaryEmbedding(nn.Module):
         return x * cos[:, None] + rotated * sin[:, None]
 
 
+KV_BLOCK = 64  # positions a KV cache grows by
+
+
 class KVCache:
-    """What attention keeps per position for one sequence, all layers, preallocated for its whole length.
+    """What attention keeps per position for one sequence, all layers, allocated in blocks of `KV_BLOCK`
+    positions as the sequence grows (not for prompt + max_new_tokens up front), so the engine can admit
+    by the memory actually held.
 
     Two tensors per layer, positions first: keys and values [L, K, Dh], or for MLA the normalized
-    latent [L, C] and the rotated shared key [L, R].
+    latent [L, C] and the rotated shared key [L, R]. Each layer's tensors stay contiguous (growing copies
+    them into a larger block-aligned buffer, at most once per `KV_BLOCK` positions), so attention reads
+    a plain slice.
     """
 
-    def __init__(self, cfg: ModelConfig, capacity: int, dtype: torch.dtype):
-        if cfg.mla is not None:
-            shapes = ((cfg.mla.kv_lora_rank,), (cfg.mla.qk_rope_head_dim,))
-        else:
-            shapes = ((cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim))
-        self.layers = [tuple(torch.empty((capacity, *s), dtype=dtype) for s in shapes) for _ in range(cfg.num_layers)]
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+        self.shapes = self.row_shapes(cfg)
+        self.layers = [tuple(torch.empty((0, *s), dtype=dtype) for s in self.shapes) for _ in range(cfg.num_layers)]
         self.length = 0  # positions written by completed steps
+
+    @staticmethod
+    def row_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        if cfg.mla is not None:
+            return (cfg.mla.kv_lora_rank,), (cfg.mla.qk_rope_head_dim,)
+        return (cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
+
+    @classmethod
+    def bytes_for(cls, cfg: ModelConfig, dtype: torch.dtype, positions: int) -> int:
+        """Bytes a cache holding `positions` takes (whole blocks)."""
+        per_position = sum(math.prod(s) for s in cls.row_shapes(cfg)) * cfg.num_layers * dtype.itemsize
+        return -(-positions // KV_BLOCK) * KV_BLOCK * per_position
+
+    @property
+    def capacity(self) -> int:
+        return self.layers[0][0].shape[0]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+
+    def reserve(self, positions: int) -> None:
+        """Room for `positions`, in whole blocks; what is written so far is kept."""
+        if positions <= self.capacity:
+            return
+        capacity = -(-positions // KV_BLOCK) * KV_BLOCK
+        old = self.capacity
+        for i, tensors in enumerate(self.layers):
+            grown = tuple(t.new_empty((capacity, *t.shape[1:])) for t in tensors)
+            for new, t in zip(grown, tensors):
+                new[:old] = t
+            self.layers[i] = grown
 
     def extend(self, layer: int, first: torch.Tensor, second: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Writes n new positions after `length`; returns both tensors for all positions so far."""
         end = self.length + first.shape[0]
+        self.reserve(end)
         a, b = self.layers[layer]
         a[self.length : end] = first
         b[self.length : end] = second

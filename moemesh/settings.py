@@ -122,6 +122,11 @@ class GatewaySettings(ServiceSettings):
         "estimated (from measured step times) to take at most this long; 0: only max_batch_tokens caps it",
     )
     max_waiting: int = Field(1024, description="most requests queued for admission; beyond: RESOURCE_EXHAUSTED")
+    kv_cache_bytes: int = Field(
+        0,
+        description="KV cache memory of the running sequences: admission waits for room, a sequence that outgrows "
+        "it is preempted (recomputed later); 0: 0.4 x the memory available at start (cgroup-aware)",
+    )
     default_max_new_tokens: int = Field(64, description="max_new_tokens when a request leaves it unset")
     max_new_tokens_limit: int = Field(4096, description="largest max_new_tokens a request may ask for")
     max_context: int = Field(0, description="longest prompt + completion; 0: the model's max_position_embeddings")

@@ -192,7 +192,7 @@ def stepwise_logits(
     ckpt = Checkpoint(model_dir)
     dense = DenseModel.from_checkpoint(ckpt, torch.float32)
     routed = routed_factory(ckpt)
-    cache = KVCache(ckpt.config, len(prompt) + steps, torch.float32)
+    cache = KVCache(ckpt.config, torch.float32)
     ids, tokens, logits = prompt, [], []
     for _ in range(steps):
         n = len(ids)

@@ -82,7 +82,7 @@ def prompt_logits(model_dir, dtype: torch.dtype) -> torch.Tensor:
     pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
     routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
     n = len(PROMPT)
-    cache = KVCache(cfg, n, dtype)
+    cache = KVCache(cfg, dtype)
     batch = StepBatch(torch.tensor(PROMPT), torch.arange(n), [SequenceSlice(0, n, cache)], torch.arange(n))
     return DenseModel.from_checkpoint(ckpt, dtype)(batch, routed)
 

@@ -38,6 +38,7 @@ class EngineConfig:
     max_batch_tokens: int
     max_waiting: int
     max_decode_stall_s: float = 0.0  # inter-token budget that caps prefill chunks beside decodes; 0: none
+    kv_cache_bytes: int = 0  # KV memory of the running sequences; 0: no limit
 
 
 class Sequence:
@@ -62,6 +63,7 @@ class Sequence:
         self.first_token_at: float | None = None
         self.last_token_at = 0.0
         self.trace: RequestTrace | None = None  # its phase spans while tracing is on
+        self.preempted = False  # its cache was freed for others' once; it recomputes when admitted again
         self._events: queue.SimpleQueue[StepOutput | MoemeshError] = queue.SimpleQueue()
 
     @property
@@ -156,14 +158,23 @@ class Engine:
             seq.emit(Unavailable("the gateway is shutting down; retry on another replica"))
 
     def new_cache(self, request: GenerationRequest) -> KVCache:
-        """An empty cache with room for the whole sequence."""
-        return KVCache(self.model.cfg, len(request.prompt_ids) + request.sampling.max_new_tokens, self.dtype)
+        """An empty cache (it grows as the sequence does)."""
+        return KVCache(self.model.cfg, self.dtype)
+
+    def _kv_bytes(self, positions: int) -> int:
+        return KVCache.bytes_for(self.model.cfg, self.dtype, positions)
 
     def submit(
         self, request: GenerationRequest, cache: KVCache | None = None, deadline: float | None = None
     ) -> Sequence:
         """Queues a request; `cache` (from `new_cache`) may hold keys/values of a prompt prefix already;
         `deadline` (time.monotonic()) is the client's, which the internal calls of its steps inherit."""
+        needed = self._kv_bytes(len(request.prompt_ids) + request.sampling.max_new_tokens)
+        if self.config.kv_cache_bytes and needed > self.config.kv_cache_bytes:
+            raise InvalidArgument(
+                f"sampling.max_new_tokens: prompt + max_new_tokens need {needed:,} bytes of KV cache, more than the "
+                f"gateway's {self.config.kv_cache_bytes:,} (--kv-cache-bytes)"
+            )
         seq = Sequence(request, TextStream(self.text, request.sampling.stop, self.guard), cache, deadline)
         with self._wakeup:
             if self._thread.ident is not None and not self._thread.is_alive() and not self._stopped:
@@ -201,7 +212,7 @@ class Engine:
                     self._admit()
                     metrics.RUNNING.set(len(self.running))
                     metrics.WAITING.set(len(self._waiting))
-                    metrics.KV_CACHE_BYTES.set(sum(_cache_bytes(s.cache) for s in self.running))
+                    metrics.KV_CACHE_BYTES.set(self._kv_held())
                     if self._stopped:
                         return
                     if self._crash:
@@ -219,14 +230,50 @@ class Engine:
             seq.emit(Cancelled("request cancelled") if seq.cancelled else DeadlineExceeded("deadline exceeded"))
 
     def _admit(self) -> None:
+        """Waiting sequences join the batch, by `next_to_admit`, while there are places and KV memory for
+        their prompts (the first one always joins an empty batch: `submit` checked that it fits alone)."""
         while self._waiting and len(self.running) < self.config.max_batch_seqs:
-            seq = self._waiting.pop(next_to_admit(self._waiting))
+            index = next_to_admit(self._waiting)
+            seq = self._waiting[index]
+            if self.running and self.config.kv_cache_bytes:
+                held = seq.cache.nbytes if seq.cache is not None else 0
+                needed = self._kv_bytes(seq.pending + seq.computed + 1) - held
+                if self._kv_held() + needed > self.config.kv_cache_bytes:
+                    return
+            del self._waiting[index]
             if seq.cache is None:
-                seq.cache = KVCache(self.model.cfg, len(seq.prompt_ids) + seq.sampling.max_new_tokens, self.dtype)
+                seq.cache = self.new_cache(GenerationRequest(seq.prompt_ids, seq.sampling))
             self.running.append(seq)
-            metrics.REQUEST_QUEUE.observe(time.monotonic() - seq.submitted_at)
-            if seq.trace is not None:
-                seq.trace.admitted(len(self.running))
+            if not seq.preempted:
+                metrics.REQUEST_QUEUE.observe(time.monotonic() - seq.submitted_at)
+                if seq.trace is not None:
+                    seq.trace.admitted(len(self.running))
+
+    def _kv_held(self) -> int:
+        return sum(s.cache.nbytes for s in self.running if s.cache is not None)
+
+    def _make_room(self, chosen: list[tuple[Sequence, int]]) -> list[tuple[Sequence, int]]:
+        """Preempts the latest-admitted sequences while the step's KV growth would pass the budget (as vLLM
+        does): each frees its cache and waits to be admitted again, then recomputes its prompt and output so
+        far in one prefill, so its tokens are those it would have had."""
+        if not self.config.kv_cache_bytes:
+            return chosen
+        while len(chosen) > 1:
+            growth = sum(
+                self._kv_bytes(seq.computed + n) - seq.cache.nbytes
+                for seq, n in chosen
+                if seq.computed + n > seq.cache.capacity
+            )
+            if self._kv_held() + growth <= self.config.kv_cache_bytes:
+                break
+            victim = self.running[-1]
+            with self._wakeup:
+                self.running.remove(victim)
+                victim.cache, victim.computed, victim.preempted = None, 0, True
+                self._waiting.append(victim)
+            metrics.PREEMPTIONS.inc()
+            chosen = [(seq, n) for seq, n in chosen if seq is not victim]
+        return chosen
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """Decode tokens first (one each), then prefill chunks (see `scheduler`) while the budget lasts."""
@@ -244,7 +291,7 @@ class Engine:
         return chosen
 
     def _step(self) -> None:
-        chosen = self._schedule()
+        chosen = self._make_room(self._schedule())
         ids, positions, slices, logit_rows, sampled = [], [], [], [], []
         for seq, n in chosen:
             start = len(ids)
@@ -338,10 +385,3 @@ class Engine:
         for seq in seqs:
             seq.cache = None
             seq.emit(error)
-
-
-def _cache_bytes(cache: KVCache | None) -> int:
-    """Bytes a sequence's KV cache holds (preallocated for its whole length)."""
-    if cache is None:
-        return 0
-    return sum(t.numel() * t.element_size() for layer in cache.layers for t in layer)

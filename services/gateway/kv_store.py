@@ -97,6 +97,7 @@ class KVStore:
             needed = range(self._first_visible(end), math.ceil(end / self.chunk))
             bad = next((j for j in needed if not self._valid(*chunks.get(j), prompt, j, end, cache)), None)
             if bad is None:
+                cache.reserve(end)
                 for j in needed:
                     self._fill(cache, j, end, chunks.get(j))
                 cache.length = end
@@ -188,7 +189,7 @@ def _rows_bytes(t: torch.Tensor, rows: range) -> bytes:
 
 def _row_bytes(cache: KVCache) -> int:
     """Bytes one position takes across all layers' cache tensors."""
-    return sum(t[0].numel() * t.element_size() for layer in cache.layers for t in layer)
+    return sum(math.prod(t.shape[1:]) * t.element_size() for layer in cache.layers for t in layer)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -28,6 +28,7 @@ PROMPT_TOKENS = Counter("moemesh_prompt_tokens", "Prompt tokens of finished sequ
 GENERATED_TOKENS = Counter("moemesh_generation_tokens", "Tokens generated")
 REQUESTS = Counter("moemesh_requests", "Gateway calls by method and final gRPC status code", ["method", "code"])
 KV_CACHE_BYTES = Gauge("moemesh_kv_cache_usage_bytes", "Bytes of KV cache held by the running sequences")
+PREEMPTIONS = Counter("moemesh_num_preemptions", "Sequences whose KV cache was freed for others' (recomputed later)")
 SESSION_KV_HIT_TOKENS = Counter("moemesh_session_kv_hit_tokens", "Chat prompt tokens whose KV came from Redis")
 SESSION_KV_MISS_TOKENS = Counter("moemesh_session_kv_miss_tokens", "Chat prompt tokens computed afresh")
 STEP_SECONDS = Histogram("moemesh_gateway_step_seconds", "Wall time of one engine step")  # bench/throughput.py

@@ -7,7 +7,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from moemesh import tracing
+from moemesh import hardware, tracing
 from moemesh.checkpoint import Checkpoint
 from moemesh.errors import ConfigError
 from moemesh.model import DenseModel, RoutedExperts, load_experts, load_gates
@@ -32,6 +32,7 @@ from services.gateway.sessions import SessionStore
 from services.gateway.text import TextCodec
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
+KV_SHARE_OF_FREE_MEMORY = 0.4  # the default KV budget: this share of the memory free when the gateway starts
 HEALTH_THREADS = 32  # server threads beyond the Gateway calls' limit: health checks and reflection always get one
 
 
@@ -55,7 +56,11 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
         routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
     config = EngineConfig(
-        settings.max_batch_seqs, settings.max_batch_tokens, settings.max_waiting, settings.max_decode_stall_ms / 1000
+        settings.max_batch_seqs,
+        settings.max_batch_tokens,
+        settings.max_waiting,
+        settings.max_decode_stall_ms / 1000,
+        settings.kv_cache_bytes or int(KV_SHARE_OF_FREE_MEMORY * hardware.available_memory_bytes()),
     )
     text = TextCodec.from_dir(settings.model)
     eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids

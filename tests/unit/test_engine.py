@@ -9,9 +9,11 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from moemesh.errors import Cancelled, ResourceExhausted
+from moemesh.errors import Cancelled, InvalidArgument, ResourceExhausted
 from moemesh.settings import GatewaySettings
+from services.gateway import metrics
 from services.gateway.engine import Engine
 from services.gateway.requests import GenerationRequest, SamplingConfig, StepOutput, merge
 from services.gateway.server import build_engine
@@ -320,3 +322,40 @@ def test_prefill_beside_decodes_is_capped_by_the_inter_token_budget(model_dir):
     assert chosen[long_] == 80 - 40  # 20 ms of decodes + 80 prefill tokens x 1 ms = the 100 ms budget
     engine.cost.per_token_s = None  # nothing measured: only max_batch_tokens caps the step
     assert sum(n for _, n in engine._schedule()) == 1 + 300 + 40
+
+
+def test_kv_cache_grows_in_blocks_and_keeps_what_it_holds(model_dir):
+    from moemesh.model import KV_BLOCK, KVCache
+
+    engine, _ = build_engine(GatewaySettings(model=model_dir, dtype="float32"))
+    cache = engine.new_cache(request([1]))
+    assert cache.capacity == 0 and cache.nbytes == 0
+    keys = torch.randn(KV_BLOCK + 3, *cache.layers[0][0].shape[1:])
+    cache.extend(0, keys[:5], keys[:5])
+    assert cache.capacity == KV_BLOCK
+    cache.length = 5
+    cache.extend(0, keys[5:], keys[5:])
+    assert cache.capacity == 2 * KV_BLOCK
+    assert torch.equal(cache.layers[0][0][: KV_BLOCK + 3], keys)
+    assert cache.nbytes == KVCache.bytes_for(engine.model.cfg, torch.float32, KV_BLOCK + 1)
+
+
+def test_sequences_beyond_the_kv_budget_wait_or_are_preempted_and_keep_their_tokens(model_dir):
+    prompts = [[i + 1, i + 2, i + 3, i + 4] for i in range(3)]
+    alone = start(model_dir)
+    try:
+        expected = [generate(alone, p, max_new_tokens=100).token_ids for p in prompts]
+        block = alone._kv_bytes(1)
+    finally:
+        alone.stop()
+    # Room for three blocks: each sequence needs two (104 positions), so they cannot all run at once.
+    engine = start(model_dir, kv_cache_bytes=3 * block)
+    try:
+        preempted = metrics.PREEMPTIONS._value.get()
+        seqs = [engine.submit(request(p, max_new_tokens=100)) for p in prompts]
+        assert [collect(s).token_ids for s in seqs] == expected
+        assert metrics.PREEMPTIONS._value.get() > preempted
+        with pytest.raises(InvalidArgument, match="KV cache"):
+            engine.submit(request([1, 2], max_new_tokens=400))  # could never fit
+    finally:
+        engine.stop()
