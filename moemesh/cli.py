@@ -3,6 +3,7 @@ demo model."""
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +57,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--tls-ca", type=Path, help="connect with TLS, verifying the gateway against this PEM CA")
+    _add_api_key(gen)
+
+    chat = sub.add_parser("chat", help="talk to a gateway: multi-turn, streamed (reads stdin lines when piped)")
+    chat.add_argument("--address", default="127.0.0.1:50051")
+    chat.add_argument("--max-new-tokens", type=_positive, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--system", default="", help="system prompt of each new session")
+    chat.add_argument("--session", default="", help="continue this session")
+    chat.add_argument("--tls-ca", type=Path, help="connect with TLS, verifying the gateway against this PEM CA")
+    _add_api_key(chat)
 
     probe = sub.add_parser("health", help="ask a service's grpc.health.v1 for its status (exit 0: SERVING)")
     probe.add_argument("address", help="host:port of a gateway, router or expert")
@@ -104,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_api_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key", default=os.environ.get("MOEMESH_API_KEY"), help="API key (default: $MOEMESH_API_KEY)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -136,9 +153,20 @@ def _run(args: argparse.Namespace) -> int:
         importlib.import_module(module).serve(settings_mod.from_flags(settings_cls, args))
         return 0
     if args.command == "generate":
-        from moemesh.client import stream_generate
+        from moemesh.client.generate_cmd import stream_generate
 
-        return stream_generate(args.address, args.prompt, args.max_new_tokens, args.temperature, args.tls_ca)
+        return stream_generate(
+            args.address, args.prompt, args.max_new_tokens, args.temperature, args.tls_ca, args.api_key
+        )
+    if args.command == "chat":
+        from moemesh.client.chat_cmd import ChatOptions, run_chat
+
+        return run_chat(
+            ChatOptions(
+                args.address, args.api_key, args.tls_ca, args.max_new_tokens, args.temperature, args.system,
+                args.session,
+            )
+        )  # fmt: skip
     if args.command == "health":
         from moemesh.probe import run_health
 
