@@ -8,16 +8,17 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moemesh import settings as settings_mod
 from moemesh.errors import ConfigError, MoemeshError
 
 if TYPE_CHECKING:
     from moemesh.plan import Plan
 
+# Settings class (in moemesh.settings) and module of each service. moemesh.settings imports torch (seconds), so
+# it is imported only for a service's command: the clients (`chat`, `generate`) start at once.
 SERVICES = {
-    "gateway": (settings_mod.GatewaySettings, "services.gateway.server"),
-    "router": (settings_mod.RouterSettings, "services.router.server"),
-    "expert": (settings_mod.ExpertSettings, "services.experts.server"),
+    "gateway": ("GatewaySettings", "services.gateway.server"),
+    "router": ("RouterSettings", "services.router.server"),
+    "expert": ("ExpertSettings", "services.experts.server"),
 }
 
 
@@ -28,7 +29,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def settings_class(service: str) -> type:
+    from moemesh import settings as settings_mod
+
+    return getattr(settings_mod, SERVICES[service][0])
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """`command`: the one being run (argv's first word), whose flags alone are needed; None: every command's."""
     parser = argparse.ArgumentParser(prog="moemesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -48,8 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         "--certs", type=Path, metavar="DIR", help="with --tls: the certificates in DIR (made there if it has none)"
     )
 
-    for name, (settings_cls, _) in SERVICES.items():
-        settings_mod.add_flags(sub.add_parser(name, help=f"run the {name} service alone"), settings_cls)
+    for name in SERVICES:
+        service = sub.add_parser(name, help=f"run the {name} service alone")
+        if command in (None, name):
+            from moemesh.settings import add_flags
+
+            add_flags(service, settings_class(name))
 
     gen = sub.add_parser("generate", help="send one request to a gateway and stream the reply")
     gen.add_argument("prompt")
@@ -122,7 +134,8 @@ def _add_api_key(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
@@ -132,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from moemesh import demo_model
-
     if args.command == "up":
+        from moemesh import demo_model
         from moemesh.launcher import ClusterSpec, up
 
         if args.certs and not args.tls:
@@ -149,8 +161,10 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in SERVICES:
         import importlib
 
-        settings_cls, module = SERVICES[args.command]
-        importlib.import_module(module).serve(settings_mod.from_flags(settings_cls, args))
+        from moemesh.settings import from_flags
+
+        module = SERVICES[args.command][1]
+        importlib.import_module(module).serve(from_flags(settings_class(args.command), args))
         return 0
     if args.command == "generate":
         from moemesh.client.generate_cmd import stream_generate
@@ -207,6 +221,8 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_keys(args.action, args.id, args.limits, args.file, args.redis)
     if args.command == "build-demo-model":
+        from moemesh import demo_model
+
         print(demo_model.build(args.out or demo_model.DEMO_DIR))
         return 0
     raise AssertionError(args.command)
