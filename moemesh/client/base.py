@@ -3,7 +3,7 @@
 from pathlib import Path
 
 from moemesh.client.connection import CLIENT_CHANNEL_OPTIONS, Connection
-from moemesh.client.retry import Attempts, RetryPolicy
+from moemesh.client.retry import DEFAULT_RETRY, Attempts, RetryPolicy
 
 
 class ClientBase:
@@ -22,7 +22,7 @@ class ClientBase:
         tls_cert: Path | str | None = None,
         tls_key: Path | str | None = None,
         timeout_s: float | None = 120.0,
-        retry: RetryPolicy = RetryPolicy(),
+        retry: RetryPolicy = DEFAULT_RETRY,
     ):
         def path(value: Path | str | None) -> Path | None:
             return None if value is None else Path(value)

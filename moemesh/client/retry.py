@@ -36,6 +36,7 @@ class RetryPolicy:
         return delay
 
 
+DEFAULT_RETRY = RetryPolicy()
 NO_RETRY = RetryPolicy(max_attempts=1)
 
 

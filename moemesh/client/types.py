@@ -125,9 +125,7 @@ class Sampling:
         return gateway_pb2.SamplingParams(**optional, stop=list(self.stop), return_logprobs=self.return_logprobs)
 
 
-def generate_request(
-    prompt: str | list[int], sampling: Sampling | None, priority: int
-) -> gateway_pb2.GenerateRequest:
+def generate_request(prompt: str | list[int], sampling: Sampling | None, priority: int) -> gateway_pb2.GenerateRequest:
     """A text prompt, or token ids (used as they are)."""
     request = gateway_pb2.GenerateRequest(sampling=(sampling or Sampling()).to_pb(), priority=priority)
     if isinstance(prompt, str):
