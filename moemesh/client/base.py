@@ -1,4 +1,4 @@
-"""What the sync and the asyncio client share: their settings, and each Gateway method's request."""
+"""What the sync and the asyncio client share: their settings, and the attempts of each call."""
 
 from pathlib import Path
 
