@@ -1,9 +1,9 @@
 PYTHON := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install protos test demo bench bench-sessions soak clean
+.PHONY: install protos npm test demo bench bench-sessions soak clean
 
-install: protos
+install: protos npm
 	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
 # `ip netns` for the multi-host test (tests/test_multihost.py), from iproute2.
 	command -v ip >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y iproute2)
@@ -22,6 +22,15 @@ $(STAMP): pyproject.toml | $(PYTHON)
 
 protos: $(STAMP)
 	$(PYTHON) scripts/gen_protos.py
+
+# Pinned by the lockfiles: buf (tools/: `buf lint`, `buf breaking`) and the Node.js example's gRPC packages.
+NPM_STAMPS := tools/node_modules/.installed examples/node/node_modules/.installed
+npm: $(NPM_STAMPS)
+
+%/node_modules/.installed: %/package-lock.json
+	command -v npm >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y nodejs npm)
+	npm ci --prefix $* --no-audit --no-fund
+	touch $@
 
 test: install
 	$(PYTHON) -m pytest -q

@@ -3,20 +3,22 @@ demo model."""
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from moemesh import settings as settings_mod
 from moemesh.errors import ConfigError, MoemeshError
 
 if TYPE_CHECKING:
     from moemesh.plan import Plan
 
+# Settings class (in moemesh.settings) and module of each service. moemesh.settings imports torch (seconds), so
+# it is imported only for a service's command: the clients (`chat`, `generate`) start at once.
 SERVICES = {
-    "gateway": (settings_mod.GatewaySettings, "services.gateway.server"),
-    "router": (settings_mod.RouterSettings, "services.router.server"),
-    "expert": (settings_mod.ExpertSettings, "services.experts.server"),
+    "gateway": ("GatewaySettings", "services.gateway.server"),
+    "router": ("RouterSettings", "services.router.server"),
+    "expert": ("ExpertSettings", "services.experts.server"),
 }
 
 
@@ -27,7 +29,14 @@ def _positive(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
+def settings_class(service: str) -> type:
+    from moemesh import settings as settings_mod
+
+    return getattr(settings_mod, SERVICES[service][0])
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """`command`: the one being run (argv's first word), whose flags alone are needed; None: every command's."""
     parser = argparse.ArgumentParser(prog="moemesh", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -47,8 +56,12 @@ def _parser() -> argparse.ArgumentParser:
         "--certs", type=Path, metavar="DIR", help="with --tls: the certificates in DIR (made there if it has none)"
     )
 
-    for name, (settings_cls, _) in SERVICES.items():
-        settings_mod.add_flags(sub.add_parser(name, help=f"run the {name} service alone"), settings_cls)
+    for name in SERVICES:
+        service = sub.add_parser(name, help=f"run the {name} service alone")
+        if command in (None, name):
+            from moemesh.settings import add_flags
+
+            add_flags(service, settings_class(name))
 
     gen = sub.add_parser("generate", help="send one request to a gateway and stream the reply")
     gen.add_argument("prompt")
@@ -56,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--tls-ca", type=Path, help="connect with TLS, verifying the gateway against this PEM CA")
+    _add_api_key(gen)
+
+    chat = sub.add_parser("chat", help="talk to a gateway: multi-turn, streamed (reads stdin lines when piped)")
+    chat.add_argument("--address", default="127.0.0.1:50051")
+    chat.add_argument("--max-new-tokens", type=_positive, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0)
+    chat.add_argument("--system", default="", help="system prompt of each new session")
+    chat.add_argument("--session", default="", help="continue this session")
+    chat.add_argument("--tls-ca", type=Path, help="connect with TLS, verifying the gateway against this PEM CA")
+    _add_api_key(chat)
 
     probe = sub.add_parser("health", help="ask a service's grpc.health.v1 for its status (exit 0: SERVING)")
     probe.add_argument("address", help="host:port of a gateway, router or expert")
@@ -104,8 +127,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_api_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--api-key", default=os.environ.get("MOEMESH_API_KEY"), help="API key (default: $MOEMESH_API_KEY)"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = _parser(argv[0] if argv else None).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
@@ -115,9 +145,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from moemesh import demo_model
-
     if args.command == "up":
+        from moemesh import demo_model
         from moemesh.launcher import ClusterSpec, up
 
         if args.certs and not args.tls:
@@ -132,13 +161,26 @@ def _run(args: argparse.Namespace) -> int:
     if args.command in SERVICES:
         import importlib
 
-        settings_cls, module = SERVICES[args.command]
-        importlib.import_module(module).serve(settings_mod.from_flags(settings_cls, args))
+        from moemesh.settings import from_flags
+
+        module = SERVICES[args.command][1]
+        importlib.import_module(module).serve(from_flags(settings_class(args.command), args))
         return 0
     if args.command == "generate":
-        from moemesh.client import stream_generate
+        from moemesh.client.generate_cmd import stream_generate
 
-        return stream_generate(args.address, args.prompt, args.max_new_tokens, args.temperature, args.tls_ca)
+        return stream_generate(
+            args.address, args.prompt, args.max_new_tokens, args.temperature, args.tls_ca, args.api_key
+        )
+    if args.command == "chat":
+        from moemesh.client.chat_cmd import ChatOptions, run_chat
+
+        return run_chat(
+            ChatOptions(
+                args.address, args.api_key, args.tls_ca, args.max_new_tokens, args.temperature, args.system,
+                args.session,
+            )
+        )  # fmt: skip
     if args.command == "health":
         from moemesh.probe import run_health
 
@@ -179,6 +221,8 @@ def _run(args: argparse.Namespace) -> int:
 
         return run_keys(args.action, args.id, args.limits, args.file, args.redis)
     if args.command == "build-demo-model":
+        from moemesh import demo_model
+
         print(demo_model.build(args.out or demo_model.DEMO_DIR))
         return 0
     raise AssertionError(args.command)

@@ -1,7 +1,8 @@
 """Domain errors, raised where a problem is detected and mapped to gRPC status codes in one place.
 
 Each class names the gRPC status it becomes (`moemesh.rpc.map_errors` does the mapping), so that
-clients can tell bad input from an overloaded or broken server.
+clients can tell bad input from an overloaded or broken server. The way back is here too: `from_status` and
+`from_rpc_error` turn a peer's status into the same classes, which the Python client (`moemesh.client`) raises.
 """
 
 import grpc
@@ -41,6 +42,11 @@ class ResourceExhausted(MoemeshError):
     def __init__(self, message: str, retry_after_ms: int | None = None):
         super().__init__(message)
         self.retry_after_ms = retry_after_ms
+
+    @property
+    def retry_after_s(self) -> float | None:
+        """The server's `retry-after-ms` in seconds; None when it did not say."""
+        return None if self.retry_after_ms is None else self.retry_after_ms / 1000
 
 
 class Unauthenticated(MoemeshError):
@@ -95,6 +101,19 @@ def from_status(code: grpc.StatusCode, message: str) -> MoemeshError:
     """The domain error for a status a peer answered with, so it keeps its code on the way back."""
     error = _BY_CODE.get(code, MoemeshError)(message)
     error.code = code
+    return error
+
+
+def from_rpc_error(exc: grpc.RpcError) -> MoemeshError:
+    """The domain error for a failed call (sync or asyncio), with the `retry-after-ms` trailing metadata of a
+    RESOURCE_EXHAUSTED; the gRPC error stays its `__cause__`."""
+    code = exc.code()
+    message = exc.details() or code.name
+    error = from_status(code, message)
+    if isinstance(error, ResourceExhausted):
+        value = dict(exc.trailing_metadata() or ()).get("retry-after-ms")
+        error.retry_after_ms = int(value) if value and str(value).isdigit() else None
+    error.__cause__ = exc
     return error
 
 

@@ -54,14 +54,16 @@ class Tls:
             return grpc.ssl_server_credentials(pairs)
         return grpc.ssl_server_credentials(pairs, root_certificates=self._pem[self.ca], require_client_auth=True)
 
-    def channel_credentials(self) -> grpc.ChannelCredentials | None:
+    def channel_credentials(self, system_roots: bool = False) -> grpc.ChannelCredentials | None:
         """TLS for channels once a CA is configured (None: plaintext): the server is verified against the CA,
-        and the certificate, if any, presented."""
-        if self.ca is None:
+        and the certificate, if any, presented. `system_roots`: TLS without a CA too, verifying the server
+        against the system's CAs (a client of a gateway with a public certificate)."""
+        if self.ca is None and not system_roots:
             return None
+        ca = None if self.ca is None else self._pem[self.ca]
         cert = None if self.cert is None else self._pem[self.cert]
         key = None if self.key is None else self._pem[self.key]
-        return grpc.ssl_channel_credentials(self._pem[self.ca], key, cert)
+        return grpc.ssl_channel_credentials(ca, key, cert)
 
     def redis(self, url: str, **options: Any) -> redis.Redis:
         """A Redis client of `url`; with `rediss://`, TLS verifying Redis against the CA (and the system's CAs,

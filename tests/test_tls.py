@@ -5,6 +5,7 @@ signed; each refusal comes from the server (every client here trusts the cluster
 cluster's certificate is served.
 """
 
+import asyncio
 import subprocess
 import sys
 
@@ -15,6 +16,7 @@ import torch
 
 from moemesh import codec
 from moemesh.certs import CertFiles
+from moemesh.client import AsyncClient
 from moemesh.rpc import CHANNEL_OPTIONS
 from moemesh.tls import Tls, open_channel
 from moemesh.v1 import expert_pb2, expert_pb2_grpc, gateway_pb2, gateway_pb2_grpc, router_pb2, router_pb2_grpc
@@ -91,6 +93,20 @@ def test_generate_command_with_tls_ca(tls_cluster):
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "[finish_reason=length prompt_tokens=" in result.stdout and "completion_tokens=4]" in result.stdout
+
+
+@pytest.mark.timeout(120)
+def test_chat_command_and_async_client_with_tls_ca(tls_cluster):
+    argv = [sys.executable, "-m", "moemesh.cli", "chat", "--address", tls_cluster.address, "--tls-ca",
+            str(tls_cluster.ca), "--max-new-tokens", "3"]  # fmt: skip
+    result = subprocess.run(argv, input="Hello\n", capture_output=True, text=True, timeout=100)
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 1, result.stdout + result.stderr
+
+    async def generate() -> list[int]:
+        async with AsyncClient(tls_cluster.address, tls_ca=tls_cluster.ca) as client:
+            return (await client.generate(list(REQUEST.prompt_token_ids), max_new_tokens=6)).token_ids
+
+    assert asyncio.run(generate()) == list(tls_cluster.stub.Generate(REQUEST, timeout=60).token_ids)
 
 
 @pytest.mark.timeout(240)

@@ -29,7 +29,7 @@ def test_every_container_command_and_env_is_accepted(tmp_path_factory, monkeypat
         if args.command not in cli.SERVICES:
             assert not container.env, container.where
             continue
-        settings_cls, _ = cli.SERVICES[args.command]
+        settings_cls = cli.settings_class(args.command)
         known = {f"MOEMESH_{name.upper()}" for name in settings_cls.model_fields}
         for name, value in container.env.items():
             if name.startswith(OTHER_PREFIXES) or name in OTHER_ENV:
