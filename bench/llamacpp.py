@@ -44,6 +44,7 @@ CACHE = Path.home() / ".cache" / "moemesh" / "llama.cpp"
 GGUF_CACHE = Path.home() / ".cache" / "moemesh" / "gguf"
 SERVER = "llama-server"
 SIDE = "llama.cpp"
+HELD_BACK = -1  # id of a token llama-server generated but did not stream (see stream_token_ids)
 REPO = Path(__file__).resolve().parents[1]
 CMAKE_FLAGS = (
     "-DCMAKE_BUILD_TYPE=Release", "-DGGML_NATIVE=ON", "-DBUILD_SHARED_LIBS=OFF",
@@ -168,14 +169,24 @@ def convert_main(argv: list[str]) -> None:
 
 def stream_token_ids(lines: Iterable[bytes]) -> Iterator[list[int]]:
     """The token ids of each event of a streamed `/completion` response (server-sent events, one
-    `data: {json}` line each), up to the one with `stop: true`. An `error` event raises."""
+    `data: {json}` line each), up to the one with `stop: true`. An `error` event raises.
+
+    llama-server holds back a token whose text ends in an incomplete UTF-8 character (common with random
+    ids over a byte-level BPE vocabulary) and streams only the id of the token that completes it. Every
+    event carries `tokens_predicted`, the tokens generated so far, so the held-back ones are counted, as
+    HELD_BACK ids arriving with the event that released them: token counts stay exactly `n_predict`, and
+    such a request never counts as the same output as moemesh's."""
+    predicted = 0
     for line in lines:
         if not line.startswith(b"data:"):
             continue  # the blank lines between events
         event = json.loads(line[len(b"data:") :])
         if "error" in event:
             raise RuntimeError(f"llama-server: {event['error']}")
-        yield event.get("tokens") or []
+        ids = event.get("tokens") or []
+        now = event.get("tokens_predicted", predicted + len(ids))
+        yield [HELD_BACK] * (now - predicted - len(ids)) + ids
+        predicted = now
         if event.get("stop"):
             return
 

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from bench.common import inter_token_gaps, percentile
-from bench.llamacpp import gguf_outtype, slot_context, stream_token_ids
+from bench.llamacpp import HELD_BACK, gguf_outtype, slot_context, stream_token_ids
 from bench.throughput import PROMPT_LENGTHS, collect
 
 pytestmark = pytest.mark.timeout(30)
@@ -37,16 +37,29 @@ def sse(*events: dict) -> io.BytesIO:
 
 def test_stream_token_ids_reads_events_up_to_stop():
     body = sse(
-        {"content": "a", "tokens": [11], "stop": False},
-        {"content": "bc", "tokens": [12, 13], "stop": False},
-        {"content": "", "tokens": [], "stop": True, "timings": {"predicted_n": 3}},
-        {"content": "after stop", "tokens": [99], "stop": False},
+        {"content": "a", "tokens": [11], "stop": False, "tokens_predicted": 1},
+        {"content": "b", "tokens": [12], "stop": False, "tokens_predicted": 2},
+        {"content": "", "tokens": [], "stop": True, "tokens_predicted": 2, "timings": {"predicted_n": 2}},
+        {"content": "after stop", "tokens": [99], "stop": False, "tokens_predicted": 3},
     )
-    assert list(stream_token_ids(body)) == [[11], [12, 13], []]
+    assert list(stream_token_ids(body)) == [[11], [12], []]
+
+
+def test_stream_token_ids_counts_held_back_tokens():
+    """Tokens 21 and 22 end in a partial UTF-8 character: the server streams only 23, which completes it;
+    the last token is held back too and only counted by the final event."""
+    body = sse(
+        {"content": "x", "tokens": [20], "stop": False, "tokens_predicted": 1},
+        {"content": "\u00e9", "tokens": [23], "stop": False, "tokens_predicted": 4},
+        {"content": "", "tokens": [], "stop": True, "tokens_predicted": 5},
+    )
+    assert list(stream_token_ids(body)) == [[20], [HELD_BACK, HELD_BACK, 23], [HELD_BACK]]
 
 
 def test_stream_token_ids_raises_on_an_error_event():
-    body = sse({"tokens": [5], "stop": False}, {"error": {"code": 500, "message": "context full"}})
+    body = sse(
+        {"tokens": [5], "stop": False, "tokens_predicted": 1}, {"error": {"code": 500, "message": "context full"}}
+    )
     with pytest.raises(RuntimeError, match="context full"):
         list(stream_token_ids(body))
 
