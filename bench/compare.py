@@ -2,7 +2,8 @@
 
 Three sides run `bench.throughput`'s fixed workload (deterministic token-id prompts, greedy, exactly
 `--max-new-tokens` each, c client streams in a closed loop for each concurrency c), one side at a time so
-they never compete for the CPUs:
+they never compete for the CPUs, taking turns at each concurrency (each starts afresh with one warm-up
+request) so that a busy spell of a shared machine falls on all of them rather than on one:
 
 - **in-process**: moemesh's engine with the experts in its own process (`bench.throughput.run_in_process`);
 - **moemesh up**: the real cluster, gateway + router + expert shards as processes, over gRPC
@@ -21,6 +22,7 @@ llama.cpp's. The CPU model and SIMD flags come first, since they decide llama.cp
 import argparse
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from bench import llamacpp
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name) is None:
             setattr(args, name, default)
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    sides = [s.strip() for s in args.sides.split(",") if s.strip()]
+    sides = list(dict.fromkeys(s.strip() for s in args.sides.split(",") if s.strip()))
     if not levels or min(levels) < 1 or args.max_new_tokens < 1 or args.experts < 1:
         parser.error("--concurrency, --max-new-tokens and --experts must be positive")
     if unknown := set(sides) - set(SIDES):
@@ -121,38 +123,52 @@ def main(argv: list[str] | None = None) -> int:
     model = (args.model or demo_model.ensure()).resolve()
     cfg = load_config(model)
     dtype = str(cfg.checkpoint_dtype).removeprefix("torch.")
-    binary = gguf = None
+    binary = gguf = Path()
     if llamacpp.SIDE in sides:  # first, so that a failing build or conversion fails before the long runs
         binary, gguf = llamacpp.prepare(model, dtype)
     lengths = [len(prompt(i, cfg.vocab_size)) for i in range(num_requests)]
     print(
         f"model: {model} ({cfg.model_type}, {dtype}, vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, "
         f"{cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.experts_per_token})"
-        + (f"; llama.cpp reads {gguf.name}" if gguf else "")
+        + (f"; llama.cpp reads {gguf.name}" if llamacpp.SIDE in sides else "")
         + f"\nworkload: {num_requests} requests per level, prompts of {min(lengths)}-{max(lengths)} tokens "
         f"(mean {sum(lengths) / len(lengths):.0f}), greedy, exactly {args.max_new_tokens} new tokens each; "
-        f"concurrency {','.join(map(str, levels))}; warm-up: 1 request per side (per server for llama.cpp)\n"
+        f"concurrency {','.join(map(str, levels))}; warm-up: 1 request per side and level\n"
         f"threads: torch {torch.__version__} with {torch.get_num_threads()} threads; llama-server "
         f"--threads {os.cpu_count()}",
         flush=True,
     )
+    runs: dict[str, tuple[str, Callable[[list[int]], list[LevelResult]]]] = {
+        "in-process": (
+            "in-process (experts in the engine's process, no gRPC)",
+            lambda c: run_in_process(model, c, num_requests, cfg.vocab_size, args.max_new_tokens, profile=False)[0],
+        ),
+        "moemesh-up": (
+            f"moemesh up --experts {args.experts} (GenerateStream over gRPC)",
+            lambda c: run_distributed(
+                model,
+                args.experts,
+                c,
+                num_requests,
+                cfg.vocab_size,
+                args.max_new_tokens,
+                profile=False,
+                service_threads=0,
+                side="moemesh up",
+            )[0],
+        ),  # fmt: skip
+        llamacpp.SIDE: (
+            f"llama.cpp (llama-server, llama-cpp-python {llamacpp.VERSION})",
+            lambda c: llamacpp.run_llamacpp(binary, gguf, c, num_requests, cfg.vocab_size, args.max_new_tokens),
+        ),
+    }
     by_side: dict[str, list[LevelResult]] = {}
-    if "in-process" in sides:
-        print(f"in-process (experts in the engine's process, no gRPC); {load_average()}", flush=True)
-        by_side["in-process"], _ = run_in_process(
-            model, levels, num_requests, cfg.vocab_size, args.max_new_tokens, profile=False
-        )
-    if "moemesh-up" in sides:
-        print(f"moemesh up --experts {args.experts} (GenerateStream over gRPC); {load_average()}", flush=True)
-        by_side["moemesh up"], _ = run_distributed(
-            model, args.experts, levels, num_requests, cfg.vocab_size, args.max_new_tokens, profile=False,
-            service_threads=0, side="moemesh up",
-        )  # fmt: skip
-    if binary and gguf:
-        print(f"llama.cpp (llama-server, llama-cpp-python {llamacpp.VERSION}); {load_average()}", flush=True)
-        by_side[llamacpp.SIDE] = llamacpp.run_llamacpp(
-            binary, gguf, levels, num_requests, cfg.vocab_size, args.max_new_tokens
-        )
+    for concurrency in levels:  # sides take turns at each level, so a busy spell of the machine hits all alike
+        for side in sides:
+            title, run = runs[side]
+            print(f"{title}, {concurrency} streams; {load_average()}", flush=True)
+            for level in run([concurrency]):
+                by_side.setdefault(level.side, []).append(level)
     print(f"done; {load_average()}", flush=True)
     report(by_side, levels, args.markdown)
     return 0
