@@ -3,7 +3,8 @@
 Three sides run `bench.throughput`'s fixed workload (deterministic token-id prompts, greedy, exactly
 `--max-new-tokens` each, c client streams in a closed loop for each concurrency c), one side at a time so
 they never compete for the CPUs, taking turns at each concurrency (each starts afresh with one warm-up
-request) so that a busy spell of a shared machine falls on all of them rather than on one:
+request) so that a busy spell of a shared machine falls on all of them rather than on one. All sides get
+OMP_WAIT_POLICY=PASSIVE unless the environment sets it (`moemesh up` gives its services the same):
 
 - **in-process**: moemesh's engine with the experts in its own process (`bench.throughput.run_in_process`);
 - **moemesh up**: the real cluster, gateway + router + expert shards as processes, over gRPC
@@ -115,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"command: {command_line('bench.compare')}", flush=True)
     print(f"cpu: {cpu_description()}; {load_average()}", flush=True)
+    # Every side's thread pool sleeps while idle, as `moemesh up` makes its services' do: set before torch
+    # loads OpenMP, inherited by llama-server (OpenMP too). Spinning pools collapse on a shared machine.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
 
     from moemesh import demo_model
@@ -135,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(mean {sum(lengths) / len(lengths):.0f}), greedy, exactly {args.max_new_tokens} new tokens each; "
         f"concurrency {','.join(map(str, levels))}; warm-up: 1 request per side and level\n"
         f"threads: torch {torch.__version__} with {torch.get_num_threads()} threads; llama-server "
-        f"--threads {os.cpu_count()}",
+        f"--threads {os.cpu_count()}; OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} for all sides",
         flush=True,
     )
     runs: dict[str, tuple[str, Callable[[list[int]], list[LevelResult]]]] = {
