@@ -6,18 +6,19 @@ checkpoint, dtype and requests. Three steps, each cached so that only the first 
 1. **Build.** The source comes from the `llama-cpp-python` sdist on PyPI (it vendors llama.cpp under
    `vendor/llama.cpp`): a pinned, pip-verifiable release with no git clone. Only `llama-server` is built,
    with cmake in Release, CPU only, `-DGGML_NATIVE=ON` (the kernels for this CPU's AVX-512/BF16), into
-   `~/.cache/moemesh/llama.cpp/<version>/` (~7 minutes on 2 cores, skipped when the binary is there).
+   `~/.cache/moemesh/llama.cpp/<version>/` (7-10 minutes on 2 cores, skipped when the binary is there).
 2. **Convert.** The vendored `convert_hf_to_gguf.py` writes the checkpoint as GGUF, f16 for a bf16 or
    fp16 checkpoint (bf16 where the CPU has `avx512_bf16`, so the weights are bit-identical to moemesh's)
    and f32 for fp32, cached next to the checkpoint's own cache, keyed by its files' sizes and mtimes.
    The converter refuses a BPE tokenizer whose pre-tokenizer hash it does not know; since the bench
-   sends token ids and never text, `_convert_main` patches `get_vocab_base_pre` to answer "gpt-2"
-   (the pre-tokenizer regex only matters for tokenizing text).
+   sends token ids and never text, `convert_main` patches `get_vocab_base_pre` to answer "gpt-2" for an
+   unknown hash (the pre-tokenizer regex only matters for tokenizing text).
 3. **Run.** `llama-server --parallel c` (one slot per client stream, `-c` = c x the per-slot context)
    serves `/completion` requests whose prompt is the workload's token-id list, greedy, `n_predict` =
    max new tokens with `ignore_eos` so every request generates exactly as many tokens as on moemesh,
    `cache_prompt: false` so no request reuses another's KV, streamed so that TTFT and the gaps between
-   tokens are measured in the client, as for the moemesh sides.
+   tokens are measured in the client, as for the moemesh sides (tokens the server holds back in the stream
+   are counted from its `tokens_predicted`: see `stream_token_ids`).
 
 `bench.compare` runs it (`--sides llama.cpp` for this side alone).
 """
@@ -248,10 +249,7 @@ def run_llamacpp(binary: Path, gguf: Path, levels: list[int], num_requests: int,
         try:
             one = completion_client(url, max_new)
             one(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
-            cpu_before = server.cpu_seconds()
-            level = run_level(SIDE, concurrency, num_requests, vocab_size, one, lambda: (0.0, 0.0))
-            level.cpu_s = server.cpu_seconds() - cpu_before
-            results.append(level)
+            results.append(run_level(SIDE, concurrency, num_requests, vocab_size, one, lambda: (0.0, 0.0)))
         finally:
             print(f"  {server.stop_line()}", flush=True)
     return results
