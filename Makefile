@@ -17,7 +17,7 @@ $(PYTHON):
 # torch first, so pip never resolves a CUDA build while installing the project.
 $(STAMP): pyproject.toml | $(PYTHON)
 	$(PYTHON) -m pip install torch==2.13.0
-	$(PYTHON) -m pip install -e ".[dev]"
+	$(PYTHON) -m pip install -e ".[dev,bench]"
 	touch $@
 
 protos: $(STAMP)

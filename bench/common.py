@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 START_TIMEOUT_S = 300
@@ -120,3 +120,49 @@ def table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
     print("  ".join(h.rjust(w) if i else h.ljust(w) for i, (h, w) in enumerate(zip(header, widths))))
     for row in rows:
         print("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+
+
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def _cpuinfo() -> dict[str, str]:
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
+    return set(_cpuinfo().get("flags", "").split())
+
+
+def cpu_description() -> str:
+    """CPU model and the SIMD flags that decide which kernels llama.cpp and torch pick."""
+    present = cpu_flags()
+    flags = " ".join(f for f in CPU_FLAGS if f in present) or "none of " + " ".join(CPU_FLAGS)
+    return f"{_cpuinfo().get('model name', 'unknown CPU')}, {os.cpu_count()} CPUs; flags: {flags}"
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """The q-th percentile (0-100) by linear interpolation between closest ranks, as numpy's default;
+    None for no values (a side that produced no timings shows "-" rather than failing the report)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def inter_token_gaps(chunks: Sequence[tuple[float, int]]) -> list[float]:
+    """Seconds between consecutive generated tokens of one request, from its streamed messages
+    ((seconds since submit, tokens in the message) each). A message of n tokens after a gap g counts as
+    n gaps of g / n, so that a side which batches tokens into fewer messages is not credited with
+    zero-length gaps; tokens that arrive with the first one (time to first token) are not gaps."""
+    gaps: list[float] = []
+    for (before, _), (at, count) in zip(chunks, chunks[1:]):
+        gaps += [(at - before) / count] * count
+    return gaps

@@ -25,9 +25,9 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.common import ServiceProcess, command_line, load_average, table
@@ -57,6 +57,7 @@ class RequestResult:
     token_ids: list[int]
     ttft_s: float
     latency_s: float
+    chunks: list[tuple[float, int]] = field(default_factory=list)  # (s since submit, tokens) per streamed message
 
 
 @dataclass
@@ -84,6 +85,18 @@ class LevelResult:
     @property
     def mean_step_ms(self) -> float | None:
         return 1000 * self.step_s / self.steps if self.steps else None
+
+
+def collect(index: int, t0: float, messages: Iterable[Sequence[int]]) -> RequestResult:
+    """Drains request `index`'s stream of token-id messages, timing each from `t0` (when it was sent): the
+    same measurement for every side, whatever its transport."""
+    tokens: list[int] = []
+    chunks: list[tuple[float, int]] = []
+    for ids in messages:
+        if ids:
+            chunks.append((time.perf_counter() - t0, len(ids)))
+            tokens += ids
+    return RequestResult(index, tokens, chunks[0][0] if chunks else None, time.perf_counter() - t0, chunks)
 
 
 StepStats = Callable[[], tuple[float, float]]  # -> (count, sum) of the step-seconds histogram
@@ -119,8 +132,8 @@ def run_level(side: str, concurrency: int, num_requests: int, vocab_size: int,
     level = LevelResult(side, concurrency, results, wall, steps1 - steps0, step_s1 - step_s0)
     print(
         f"  {side:<12} {concurrency:>3} streams: {level.tokens} tokens in {wall:.2f} s = "
-        f"{level.tokens_per_s:.1f} tok/s, mean TTFT {level.mean_ttft_ms:.1f} ms, "
-        f"{level.steps:.0f} steps of {level.mean_step_ms or 0:.1f} ms",
+        f"{level.tokens_per_s:.1f} tok/s, mean TTFT {level.mean_ttft_ms:.1f} ms"
+        + (f", {level.steps:.0f} steps of {level.mean_step_ms:.1f} ms" if level.steps else ""),  # none: not moemesh
         flush=True,
     )
     return level
@@ -197,12 +210,7 @@ def _engine_client(engine, max_new: int) -> Callable[[int, list[int]], RequestRe
     def one(index: int, ids: list[int]) -> RequestResult:
         t0 = time.perf_counter()
         seq = engine.submit(GenerationRequest(list(ids), sampling))
-        tokens, ttft = [], None
-        for out in seq.outputs():
-            if out.token_ids and ttft is None:
-                ttft = time.perf_counter() - t0
-            tokens += out.token_ids
-        return RequestResult(index, tokens, ttft, time.perf_counter() - t0)
+        return collect(index, t0, (out.token_ids for out in seq.outputs()))
 
     return one
 
@@ -275,12 +283,9 @@ def run_distributed(model: Path, experts: int, levels: list[int], num_requests: 
         def one(index: int, ids: list[int]) -> RequestResult:
             request = gateway_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling)
             t0 = time.perf_counter()
-            tokens, ttft = [], None
-            for msg in stub.GenerateStream(request, timeout=REQUEST_TIMEOUT_S):
-                if msg.token_ids and ttft is None:
-                    ttft = time.perf_counter() - t0
-                tokens += msg.token_ids
-            return RequestResult(index, tokens, ttft, time.perf_counter() - t0)
+            return collect(
+                index, t0, (msg.token_ids for msg in stub.GenerateStream(request, timeout=REQUEST_TIMEOUT_S))
+            )
 
         one(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
         stats = lambda: _scrape_step_stats(metrics)  # noqa: E731
