@@ -29,7 +29,7 @@ test: install
 demo: install
 	bash scripts/demo.sh
 
-# Retrains the shipped demo bot (models/demo-bot/) on 2 CPU threads, about 25 minutes; prints its held-out score.
+# Retrains the shipped demo bot (models/demo-bot/) on 2 CPU threads, about 20 minutes; prints its held-out score.
 demo-model: install
 	nice -n 5 $(PYTHON) -m moemesh.demo_bot.train --threads 2
 

@@ -16,7 +16,7 @@ HELD_OUT: tuple[tuple[str, tuple[str, ...]], ...] = (
 
 # A second question that only makes sense after the first; the reply must name the first turn's topic.
 TWO_TURNS = (
-    "I'd like a refund for the toaster I bought, it burns everything.",
+    "The toaster I bought burns everything, I want a refund.",
     "Okay. How long will that take?",
     ("refund", "5 to 7"),
 )
