@@ -2,8 +2,8 @@
 
 A `transformers` Qwen2-MoE (8 routed experts, top-2, a gated shared expert) learns the generated corpus,
 with the loss on the assistant's turns only. Seeds fix the corpus, the tokenizer, the initial weights and
-the batch order, so a rerun on the same versions gives the same checkpoint. The checkpoint is saved with
-`save_pretrained` (safetensors, bf16), then reloaded to print its score on the held-out questions.
+the batch order, so a rerun with the same versions and thread count should give the same checkpoint. It
+is saved with `save_pretrained` (safetensors, bf16), then reloaded to print its held-out score.
 """
 
 import argparse
