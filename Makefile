@@ -1,7 +1,7 @@
 PYTHON := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install protos npm test demo bench bench-sessions soak clean
+.PHONY: install protos npm test demo demo-model bench bench-sessions soak clean
 
 install: protos npm
 	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
@@ -37,6 +37,10 @@ test: install
 
 demo: install
 	bash scripts/demo.sh
+
+# Retrains the shipped demo bot (models/demo-bot/) on 2 CPU threads, about 20 minutes; prints its held-out score.
+demo-model: install
+	nice -n 5 $(PYTHON) -m moemesh.demo_bot.train --threads 2
 
 bench: install
 	$(PYTHON) -m bench.throughput $(BENCH_ARGS)

@@ -41,7 +41,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     up = sub.add_parser("up", help="start gateway, router, expert shards and redis-server on loopback")
-    up.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled demo model)")
+    up.add_argument("--model", type=Path, help="checkpoint directory (default: the shipped demo bot)")
     up.add_argument("--experts", type=_positive, default=2, help="expert shards")
     up.add_argument("--replicas", type=_positive, default=1, help="replicas of each shard")
     up.add_argument("--routers", type=_positive, default=1, help="routers (the gateway fails over between them)")
@@ -122,7 +122,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     where.add_argument("--file", type=Path, help="key file (what the gateway's --api-keys names)")
     where.add_argument("--redis", help="Redis URL (for a gateway with --api-keys redis)")
 
-    demo = sub.add_parser("build-demo-model", help="write the demo checkpoint")
+    demo = sub.add_parser("build-demo-model", help="write the random bench checkpoint")
     demo.add_argument("--out", type=Path)
     return parser
 
@@ -153,7 +153,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("--certs needs --tls")
         return up(
             ClusterSpec(
-                model=args.model or demo_model.ensure(), experts=args.experts, replicas=args.replicas,
+                model=args.model or demo_model.bot_dir(), experts=args.experts, replicas=args.replicas,
                 routers=args.routers, host=args.host, port=args.port, redis_url=args.redis, dtype=args.dtype,
                 wire_dtype=args.wire_dtype, quantize=args.quantize, tls=args.tls, certs=args.certs,
             )

