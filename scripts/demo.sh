@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# make demo: start `moemesh up` on the shipped demo bot, ask it one customer question and stream its reply,
-# then keep serving until Ctrl-C (which stops every service moemesh up started).
+# make demo: start `moemesh up` on the shipped demo bot, print one exchange with it, then (on a terminal) drop
+# into `moemesh chat`; leaving the chat (/quit, Ctrl-D) or Ctrl-C stops every service moemesh up started.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MOEMESH=.venv/bin/moemesh
@@ -21,10 +21,10 @@ ADDRESS=$(grep -m1 "^gateway listening on" "$LOG" | awk '{print $4}')
 
 echo
 QUESTION="Hi! I'd like a refund for my headphones, they stopped working."
-echo "== customer: $QUESTION"
-echo -n "== bot: "
-# One Chat turn; for a conversation, talk to it with `moemesh chat --address $ADDRESS`.
-.venv/bin/python scripts/demo_ask.py "$ADDRESS" "$QUESTION"
-echo
-echo "== serving on $ADDRESS (grpcurl -plaintext $ADDRESS list); Ctrl-C to stop"
-wait $UP
+echo "== one exchange: echo \"$QUESTION\" | moemesh chat --address $ADDRESS"
+echo "$QUESTION" | $MOEMESH chat --address "$ADDRESS"
+if [ -t 0 ]; then
+  echo
+  echo "== your turn: moemesh chat --address $ADDRESS (/new, /session, /system TEXT, /quit; grpcurl -plaintext $ADDRESS list)"
+  $MOEMESH chat --address "$ADDRESS"
+fi
