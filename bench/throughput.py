@@ -249,7 +249,8 @@ def start_up(
     """`moemesh up` in a new session (so that everything it starts can be found and checked at the end), its
     environment this process's plus `extra_env`."""
     argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--experts", str(experts), "--port", "0"]
-    env = os.environ | ({"MOEMESH_THREADS": str(service_threads)} if service_threads else {}) | (extra_env or {})
+    argv += ["--threads", str(service_threads)] if service_threads else []
+    env = os.environ | (extra_env or {})
     return ServiceProcess("moemesh up", argv, env)
 
 
@@ -380,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         "--service-threads",
         type=int,
         default=0,
-        help="torch threads of each cluster service (MOEMESH_THREADS; default 0: torch's default, one per core)",
+        help="torch threads of each cluster service (`moemesh up --threads`; default 0: up's own choice)",
     )
     parser.add_argument("--markdown", action="store_true", help="print the tables as markdown")
     parser.add_argument(
@@ -413,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"in-process (experts in the engine's process, no gRPC); {load_average()}", flush=True)
     inproc, prof_in = run_in_process(model, levels, num_requests, cfg.vocab_size, args.max_new_tokens, args.profile)
-    threads = f"MOEMESH_THREADS={args.service_threads}" if args.service_threads else "default torch threads"
+    threads = f"up --threads {args.service_threads}" if args.service_threads else "up's default threads"
     print(
         f"distributed (moemesh up --experts {args.experts}, {threads}, GenerateStream over gRPC); {load_average()}",
         flush=True,

@@ -45,6 +45,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     up.add_argument("--experts", type=_positive, default=2, help="expert shards")
     up.add_argument("--replicas", type=_positive, default=1, help="replicas of each shard")
     up.add_argument("--routers", type=_positive, default=1, help="routers (the gateway fails over between them)")
+    up.add_argument(
+        "--threads", type=int, default=0, help="torch threads of each service (default 0: the cores / expert shards)"
+    )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: a free one)")
     up.add_argument("--redis", help="Redis URL (default: start a redis-server)")
@@ -154,8 +157,8 @@ def _run(args: argparse.Namespace) -> int:
         return up(
             ClusterSpec(
                 model=args.model or demo_model.bot_dir(), experts=args.experts, replicas=args.replicas,
-                routers=args.routers, host=args.host, port=args.port, redis_url=args.redis, dtype=args.dtype,
-                wire_dtype=args.wire_dtype, quantize=args.quantize, tls=args.tls, certs=args.certs,
+                routers=args.routers, threads=args.threads, host=args.host, port=args.port, redis_url=args.redis,
+                dtype=args.dtype, wire_dtype=args.wire_dtype, quantize=args.quantize, tls=args.tls, certs=args.certs,
             )
         )  # fmt: skip
     if args.command in SERVICES:
