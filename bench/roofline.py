@@ -22,10 +22,12 @@ INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "am
 
 
 def _seconds(run: Callable[[], object], min_s: float = 0.3) -> float:
-    """Median seconds of one `run()` over repeats that last at least `min_s` in all (after a warm-up)."""
-    run()
+    """Median seconds of one `run()` over at least 20 repeats lasting `min_s` in all, after 10 warm-up runs
+    (oneDNN builds its kernel for a shape on the first calls)."""
+    for _ in range(10):
+        run()
     times: list[float] = []
-    while sum(times) < min_s or len(times) < 5:
+    while sum(times) < min_s or len(times) < 20:
         t0 = time.perf_counter()
         run()
         times.append(time.perf_counter() - t0)

