@@ -2,7 +2,6 @@
 # One image for every role: the role is the command (`moemesh gateway|router|expert ...`, `moemesh health ...`).
 #
 #   docker build -t moemesh .                                  # CPU torch, model mounted at /models/model
-#   docker build --build-arg DEMO_MODEL=1 -t moemesh .          # also bakes the demo checkpoint into /models/demo
 #   docker build --build-arg MODEL_DIR=checkpoints/mixtral -t moemesh .   # bakes a checkpoint from the context
 #   docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #                --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t moemesh:cuda .
@@ -46,13 +45,13 @@ RUN pip install --no-cache-dir "grpcio-tools==1.85.1" \
 
 FROM base AS runtime
 ARG MODEL_DIR=deploy/docker/model
-ARG DEMO_MODEL=0
 RUN useradd --system --uid 10001 --user-group --home-dir /home/moemesh --create-home moemesh
 COPY --from=build /opt/venv /opt/venv
 # MODEL_DIR (a directory of the build context) is copied to /models/model; by default that is an empty
 # placeholder, and the checkpoint is mounted there at run time instead.
 COPY --chown=moemesh:moemesh ${MODEL_DIR} /models/model
-RUN if [ "${DEMO_MODEL}" = 1 ]; then moemesh build-demo-model --out /models/demo; fi
+# The demo bot (3 MB, trained by `make demo-model`) is always in the image, at /models/demo.
+COPY --chown=moemesh:moemesh models/demo-bot /models/demo
 ENV MOEMESH_MODEL=/models/model \
     MOEMESH_HOST=0.0.0.0
 USER 10001:10001
