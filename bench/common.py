@@ -11,6 +11,8 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+from moemesh import hardware
+
 START_TIMEOUT_S = 300
 
 
@@ -125,24 +127,11 @@ def table(header: list[str], rows: list[list[str]], markdown: bool) -> None:
 CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
 
 
-def _cpuinfo() -> dict[str, str]:
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return {}
-    return {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in info.splitlines() if ":" in line)}
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (empty where /proc/cpuinfo is missing)."""
-    return set(_cpuinfo().get("flags", "").split())
-
-
 def cpu_description() -> str:
-    """CPU model and the SIMD flags that decide which kernels llama.cpp and torch pick."""
-    present = cpu_flags()
+    """CPU model, usable cores and the SIMD flags that decide which kernels llama.cpp and torch pick."""
+    present = hardware.cpu_flags()
     flags = " ".join(f for f in CPU_FLAGS if f in present) or "none of " + " ".join(CPU_FLAGS)
-    return f"{_cpuinfo().get('model name', 'unknown CPU')}, {os.cpu_count()} CPUs; flags: {flags}"
+    return f"{hardware.cpu_model()}, {hardware.available_cores()} cores; flags: {flags}"
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -37,8 +37,9 @@ import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
-from bench.common import ServiceProcess, cpu_flags
+from bench.common import ServiceProcess
 from bench.throughput import REQUEST_TIMEOUT_S, WARMUP_INDEX, LevelResult, RequestResult, collect, prompt, run_level
+from moemesh.hardware import cpu_flags
 
 VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp is built
 CACHE = Path.home() / ".cache" / "moemesh" / "llama.cpp"

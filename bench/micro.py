@@ -18,8 +18,7 @@ import torch
 import torch.nn.functional as F
 from tokenizers import Tokenizer
 
-from bench.common import command_line, load_average, table
-from moemesh import hardware
+from bench.common import command_line, cpu_description, load_average, table
 from services.gateway.text import TextCodec, TextStream
 
 TEXT = "The customer asked about a refund for order 12345, and we replied politely. "
@@ -87,9 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
-    flags = " ".join(sorted(hardware.cpu_flags() & {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}))
     print(f"command: {command_line('bench.micro')}")
-    print(f"CPU: {hardware.cpu_model()} ({flags}); torch threads {torch.get_num_threads()}; {load_average()}\n")
+    print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}; {load_average()}\n")
     detokenization(args.markdown)
     print()
     fused_mlp(args.markdown)

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import torch
 
-from bench.common import command_line, load_average, table
+from bench.common import command_line, cpu_description, load_average, table
 from moemesh import hardware
-
-INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "bf16")
 
 
 def _seconds(run: Callable[[], object], min_s: float = 0.3) -> float:
@@ -59,10 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     model = (args.model or demo_model.ensure()).resolve()
     ckpt = Checkpoint(model)
     cfg = ckpt.config
-    flags = sorted(f for f in INTERESTING_FLAGS if f in hardware.cpu_flags())
     print(f"command: {command_line('bench.roofline')}")
-    print(f"CPU: {hardware.cpu_model()}; flags: {' '.join(flags) or 'none of ' + ', '.join(INTERESTING_FLAGS)}")
-    print(f"cores: {hardware.available_cores()}, torch threads {torch.get_num_threads()}; {load_average()}")
+    print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}; {load_average()}")
     print(
         f"--dtype auto for this {cfg.checkpoint_dtype} checkpoint: {hardware.auto_compute_dtype(cfg.checkpoint_dtype)}"
     )
