@@ -36,6 +36,7 @@ PROMPT_LENGTHS = (16, 96, 8, 200, 48, 128, 24, 64)  # request i gets PROMPT_LENG
 PROMPT_SEED = 20240601
 FIRST_TOKEN_ID = 1000  # prompts avoid the low ids (special tokens of the DeepSeek vocabulary)
 WARMUP_INDEX = -1
+ARRIVAL_SEED = 7  # the open loop's arrival times
 REQUEST_TIMEOUT_S = 900
 STEP_METRIC = "moemesh_gateway_step_seconds"
 
@@ -103,8 +104,18 @@ StepStats = Callable[[], tuple[float, float]]  # -> (count, sum) of the step-sec
 
 
 def run_level(side: str, concurrency: int, num_requests: int, vocab_size: int,
-              one: Callable[[int, list[int]], RequestResult], step_stats: StepStats) -> LevelResult:  # fmt: skip
-    """`num_requests` requests, `concurrency` at a time: each client thread takes the next one when done."""
+              one: Callable[[int, list[int]], RequestResult], step_stats: StepStats,
+              arrival_rate: float = 0.0) -> LevelResult:  # fmt: skip
+    """`num_requests` requests, `concurrency` at a time: each client thread takes the next one when done; or,
+    with `arrival_rate` (requests/s), arriving as a Poisson process whatever is still running (`open_loop`)."""
+    if arrival_rate:
+        steps0, step_s0 = step_stats()
+        results, wall = open_loop(num_requests, vocab_size, one, arrival_rate)
+        steps1, step_s1 = step_stats()
+        level = LevelResult(side, 0, results, wall, steps1 - steps0, step_s1 - step_s0)
+        print(f"  {side:<12} open loop at {arrival_rate:.2f} requests/s: {level.tokens} tokens in {wall:.2f} s = "
+              f"{level.tokens_per_s:.1f} tok/s, mean TTFT {level.mean_ttft_ms:.1f} ms", flush=True)  # fmt: skip
+        return level
     prompts = [prompt(i, vocab_size) for i in range(num_requests)]
     next_index = iter(range(num_requests))
     lock = threading.Lock()
@@ -137,6 +148,23 @@ def run_level(side: str, concurrency: int, num_requests: int, vocab_size: int,
         flush=True,
     )
     return level
+
+
+def open_loop(num_requests: int, vocab_size: int, one: Callable[[int, list[int]], RequestResult],
+              rate: float) -> tuple[list[RequestResult], float]:  # fmt: skip
+    """Requests sent as they arrive, at exponential gaps of mean 1/`rate` seconds (a seeded Poisson process),
+    each on its own thread however many are still running: independent clients, not a fixed pool that
+    waits for the server (a closed loop hides queueing, since a slow server slows its own arrivals)."""
+    gaps = random.Random(ARRIVAL_SEED)
+    with ThreadPoolExecutor(max_workers=num_requests, thread_name_prefix="arrival") as pool:
+        t0 = due = time.perf_counter()
+        futures = []
+        for i in range(num_requests):
+            due += gaps.expovariate(rate)
+            time.sleep(max(0.0, due - time.perf_counter()))
+            futures.append(pool.submit(one, i, prompt(i, vocab_size)))
+        results = [f.result() for f in futures]
+    return results, time.perf_counter() - t0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,7 +293,8 @@ def _scrape_step_stats(address: str) -> tuple[float, float]:
 
 def run_distributed(model: Path, experts: int, levels: list[int], num_requests: int, vocab_size: int, max_new: int,
                     profile: bool, service_threads: int, extra_env: dict[str, str] | None = None,
-                    side: str = "distributed") -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
+                    side: str = "distributed",
+                    arrival_rate: float = 0.0) -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
     import grpc
 
     from moemesh.rpc import CHANNEL_OPTIONS
@@ -293,7 +322,7 @@ def run_distributed(model: Path, experts: int, levels: list[int], num_requests: 
         results = []
         for concurrency in levels:
             cpu_before = up.cpu_seconds()
-            results.append(run_level(side, concurrency, num_requests, vocab_size, one, stats))
+            results.append(run_level(side, concurrency, num_requests, vocab_size, one, stats, arrival_rate))
             results[-1].cpu_s = up.cpu_seconds() - cpu_before
         channel.close()
         prof = None
