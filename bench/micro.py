@@ -3,7 +3,9 @@
 - detokenization: `TextStream.add` (decodes a window of recent tokens) against decoding the whole output
   again for every token, at 256 and 2048 generated tokens;
 - SwiGLU MLP: the fused gate+up projection against separate gate and up matmuls, fp32 and bf16, at
-  1, 4 and 32 rows (one routed expert's shape of the demo model: hidden 256, intermediate 512).
+  1, 4 and 32 rows (one routed expert's shape of the demo model: hidden 256, intermediate 512);
+- LM head: `F.linear` with the weight as checkpoints store it ([vocab, hidden], row-major) against the
+  same values over a [hidden, vocab] buffer, as `DenseModel` keeps it (the demo model's 129,280 x 256).
 
     .venv/bin/python -m bench.micro [--markdown]
 """
@@ -82,6 +84,21 @@ def fused_mlp(markdown: bool) -> None:
     table(["dtype", "rows", "separate us", "fused us", "fused/separate"], rows, markdown)
 
 
+def lm_head_layout(markdown: bool) -> None:
+    vocab, hidden = 129_280, 256
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        weight = torch.randn(vocab, hidden).to(dtype)
+        input_major = weight.T.contiguous().T
+        for n in (1, 16):
+            x = torch.randn(n, hidden).to(dtype)
+            with torch.inference_mode():
+                a = _median_us(partial(F.linear, x, weight), 30) / 1000
+                b = _median_us(partial(F.linear, x, input_major), 30) / 1000
+            rows.append([str(dtype).removeprefix("torch."), str(n), f"{a:.2f}", f"{b:.2f}", f"{b / a:.2f}"])
+    table(["dtype", "rows", "[vocab, hidden] ms", "[hidden, vocab] buffer ms", "ratio"], rows, markdown)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true")
@@ -91,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     detokenization(args.markdown)
     print()
     fused_mlp(args.markdown)
+    print()
+    lm_head_layout(args.markdown)
     return 0
 
 
