@@ -77,9 +77,10 @@ class KVCache:
     """
 
     def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
-        self.shapes = self.row_shapes(cfg)
-        self.layers = [tuple(torch.empty((0, *s), dtype=dtype) for s in self.shapes) for _ in range(cfg.num_layers)]
+        shapes = self.row_shapes(cfg)
+        self.layers = [tuple(torch.empty((0, *s), dtype=dtype) for s in shapes) for _ in range(cfg.num_layers)]
         self.length = 0  # positions written by completed steps
+        self.position_bytes = self.bytes_per_position(cfg, dtype)
 
     @staticmethod
     def row_shapes(cfg: ModelConfig) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -88,10 +89,14 @@ class KVCache:
         return (cfg.num_kv_heads, cfg.head_dim), (cfg.num_kv_heads, cfg.head_dim)
 
     @classmethod
+    def bytes_per_position(cls, cfg: ModelConfig, dtype: torch.dtype) -> int:
+        """Bytes one position takes across all layers' tensors."""
+        return sum(math.prod(s) for s in cls.row_shapes(cfg)) * cfg.num_layers * dtype.itemsize
+
+    @classmethod
     def bytes_for(cls, cfg: ModelConfig, dtype: torch.dtype, positions: int) -> int:
         """Bytes a cache holding `positions` takes (whole blocks)."""
-        per_position = sum(math.prod(s) for s in cls.row_shapes(cfg)) * cfg.num_layers * dtype.itemsize
-        return -(-positions // KV_BLOCK) * KV_BLOCK * per_position
+        return -(-positions // KV_BLOCK) * KV_BLOCK * cls.bytes_per_position(cfg, dtype)
 
     @property
     def capacity(self) -> int:
@@ -99,7 +104,8 @@ class KVCache:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer)
+        """Bytes held (the engine sums these every step: kept O(1))."""
+        return self.capacity * self.position_bytes
 
     def reserve(self, positions: int) -> None:
         """Room for `positions`, in whole blocks; what is written so far is kept."""

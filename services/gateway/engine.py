@@ -310,8 +310,8 @@ class Engine:
             with tracing.step("gateway.step", traced, {"moemesh.sequences": len(chosen), "moemesh.tokens": len(ids)}):
                 started = time.monotonic()
                 logits = self._forward(batch)
-                prefill = sum(n for _, n in chosen if n > 1)
-                self.cost.observe(len(chosen) - sum(1 for _, n in chosen if n > 1), prefill, time.monotonic() - started)
+                chunks = [n for _, n in chosen if n > 1]
+                self.cost.observe(len(chosen) - len(chunks), sum(chunks), time.monotonic() - started)
             for seq, n in chosen:
                 seq.computed += n
                 seq.cache.length += n

@@ -129,7 +129,7 @@ class KVStore:
             and m.get("dtype") == str(cache.layers[0][0].dtype)
             and used == min(self.chunk, end - start)
             and tokens[:used] == prompt[start : start + used]
-            and m.get("nbytes") == len(data) == len(tokens) * _row_bytes(cache)
+            and m.get("nbytes") == len(data) == len(tokens) * cache.position_bytes
             and m.get("crc32") == zlib.crc32(data)
         )
 
@@ -185,11 +185,6 @@ class _ChunkFetcher:
 
 def _rows_bytes(t: torch.Tensor, rows: range) -> bytes:
     return t[rows.start : rows.stop].contiguous().view(torch.uint8).numpy().tobytes()
-
-
-def _row_bytes(cache: KVCache) -> int:
-    """Bytes one position takes across all layers' cache tensors."""
-    return sum(math.prod(t.shape[1:]) * t.element_size() for layer in cache.layers for t in layer)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
