@@ -46,7 +46,10 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     up.add_argument("--replicas", type=_positive, default=1, help="replicas of each shard")
     up.add_argument("--routers", type=_positive, default=1, help="routers (the gateway fails over between them)")
     up.add_argument(
-        "--threads", type=int, default=0, help="torch threads of each service (default 0: the cores / expert shards)"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch threads of each service (default 0: all cores for the gateway, cores / expert shards for the rest)",
     )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: a free one)")

@@ -237,13 +237,18 @@ class ClusterSpec:
     quantize: str = "none"
     tls: bool = False
     certs: Path | None = None  # with tls: the certificates' directory (made there if empty); None: a temporary one
-    threads: int = 0  # torch threads of each service; 0: the cores given / expert shards (see `service_threads`)
+    threads: int = 0  # torch threads of each service; 0: see `service_threads` and `gateway_threads`
 
     def service_threads(self) -> int:
-        """The shards compute side by side and the gateway and routers while they wait, so the cores are
-        shared out among the shards: on 2 cores with 2 shards, 1 thread each gave 271 tok/s at 16 streams
-        against 214 with 2 threads each (docs/benchmarks.md), as threads beyond a free core only wait."""
+        """The shards compute side by side and the routers while they wait, so the cores are shared out among
+        the shards: on 2 cores with 2 shards, 1 thread each gave 271 tok/s at 16 streams against 214 with 2
+        threads each (docs/benchmarks.md), as threads beyond a free core only wait."""
         return self.threads or max(1, hardware.available_cores() // self.experts)
+
+    def gateway_threads(self) -> int:
+        """The gateway gets every core: its largest matmuls (the LM head, read whole at every step) are
+        bandwidth-bound and run while the expert shards wait for the step's last layer (docs/benchmarks.md)."""
+        return self.threads or hardware.available_cores()
 
 
 def _start_group(cluster: Cluster, services: list[Service]) -> list[Child]:
@@ -282,7 +287,8 @@ def _start(cluster: Cluster, spec: ClusterSpec, redis_dir: Path) -> tuple[Child,
         _service(f"router-{i}", "router", router_flags | {"port": _free_port(spec.host)}) for i in range(spec.routers)
     ]
     router_addresses = ",".join(child.address for child in _start_group(cluster, routers))
-    gateway_flags = {"router": router_addresses, "redis": redis_url, "port": spec.port, "metrics-port": 0}
+    gateway_flags = {"router": router_addresses, "redis": redis_url, "port": spec.port, "metrics-port": 0,
+                     "threads": spec.gateway_threads()}  # fmt: skip
     gateway = cluster.start(_service("gateway", "gateway", common | gateway_flags))
     return gateway, supervised + experts + routers
 

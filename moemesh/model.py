@@ -8,7 +8,7 @@ C = MLA latent rank, R = rotary dims.
 """
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -305,18 +305,21 @@ class DecoderLayer(nn.Module):
         self.shared = MLP(cfg.hidden_size, cfg.shared_expert_size) if self.moe and cfg.shared_expert_size else None
         self.shared_gate = nn.Linear(cfg.hidden_size, 1, bias=False) if self.moe and cfg.shared_expert_gated else None
 
-    def forward(self, x, rope, cos, sin, batch: StepBatch, routed: RoutedExperts) -> torch.Tensor:
+    def run(self, x, rope, cos, sin, batch: StepBatch, routed: RoutedExperts) -> Generator[None, None, torch.Tensor]:
+        """The layer's forward pass. An MoE layer pauses (yields) once while its routed experts are in
+        flight, so that another micro-batch can compute meanwhile (`DenseModel.forward`)."""
         h = x + self.self_attn(self.input_layernorm(x), rope, cos, sin, batch.slices)
         y = self.post_attention_layernorm(h)
         if self.mlp is not None:
             return h + self.mlp(y)
         routed_output = routed.submit(self.layer, y, batch.deadline)  # in flight while the shared expert runs
-        if self.shared is None:
-            return h + routed_output()
-        shared = self.shared(y)
-        if self.shared_gate is not None:
-            shared = torch.sigmoid(self.shared_gate(y)) * shared
-        return h + (routed_output() + shared)
+        shared = None
+        if self.shared is not None:
+            shared = self.shared(y)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(y)) * shared
+        yield
+        return h + (routed_output() if shared is None else routed_output() + shared)
 
 
 class DenseModel(nn.Module):
@@ -332,12 +335,31 @@ class DenseModel(nn.Module):
         self.rotary = RotaryEmbedding(cfg.rope)
 
     @torch.inference_mode()
-    def forward(self, batch: StepBatch, routed: RoutedExperts) -> torch.Tensor:
+    def forward(self, batches: list[StepBatch], routed: RoutedExperts) -> torch.Tensor:
+        """Next-token logits [S, V] of every batch's `logit_rows`, batch after batch.
+
+        Several batches are micro-batches of one step run in turn, layer by layer: while one waits for its
+        routed experts, the next one's attention runs (ping-pong: with the experts behind a router, the
+        gateway's compute overlaps the expert services'). The LM head runs once for all of them, since at
+        decode it reads its whole weight whatever the rows."""
+        passes = [self._hidden_for_logits(batch, routed) for batch in batches]
+        rows: list[torch.Tensor | None] = [None] * len(passes)
+        while any(r is None for r in rows):
+            for i, run in enumerate(passes):
+                if rows[i] is None:
+                    try:
+                        next(run)
+                    except StopIteration as done:
+                        rows[i] = done.value
+        return self.lm_head(torch.cat(rows) if len(rows) > 1 else rows[0]).float()
+
+    def _hidden_for_logits(self, batch: StepBatch, routed: RoutedExperts) -> Generator[None, None, torch.Tensor]:
+        """One batch through every layer (pausing at each MoE layer), then the final norm of its logit rows."""
         x = self.embed_tokens(batch.token_ids)  # [T, D]
         cos, sin = self.rotary(batch.positions, x.dtype)
         for layer in self.layers:
-            x = layer(x, self.rotary, cos, sin, batch, routed)
-        return self.lm_head(self.norm(x[batch.logit_rows])).float()  # [S, V]
+            x = yield from layer.run(x, self.rotary, cos, sin, batch, routed)
+        return self.norm(x[batch.logit_rows])
 
     @classmethod
     def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype) -> "DenseModel":

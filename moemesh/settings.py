@@ -121,6 +121,13 @@ class GatewaySettings(ServiceSettings):
         description="inter-token budget: while sequences decode, a step's prefill chunk is capped so the step is "
         "estimated (from measured step times) to take at most this long; 0: only max_batch_tokens caps it",
     )
+    micro_batches: int = Field(
+        0,
+        ge=0,
+        description="a step's sequences run as up to this many micro-batches in ping-pong, so that one's attention "
+        "overlaps another's expert calls; 0: auto (2 with routers, 1 with in-process experts)",
+    )
+    micro_batch_min_tokens: int = Field(8, ge=1, description="fewest tokens of a micro-batch; smaller steps run whole")
     max_waiting: int = Field(1024, description="most requests queued for admission; beyond: RESOURCE_EXHAUSTED")
     kv_cache_bytes: int = Field(
         0,

@@ -200,7 +200,7 @@ def stepwise_logits(
             torch.tensor(ids), torch.arange(cache.length, cache.length + n), [SequenceSlice(0, n, cache)],
             torch.tensor([n - 1]),
         )  # fmt: skip
-        step_logits = dense(batch, routed)[0]
+        step_logits = dense([batch], routed)[0]
         cache.length += n
         logits.append(step_logits)
         tokens.append(int(step_logits.argmax()))

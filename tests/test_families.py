@@ -84,7 +84,7 @@ def prompt_logits(model_dir, dtype: torch.dtype) -> torch.Tensor:
     n = len(PROMPT)
     cache = KVCache(cfg, dtype)
     batch = StepBatch(torch.tensor(PROMPT), torch.arange(n), [SequenceSlice(0, n, cache)], torch.arange(n))
-    return DenseModel.from_checkpoint(ckpt, dtype)(batch, routed)
+    return DenseModel.from_checkpoint(ckpt, dtype)([batch], routed)
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "mixtral"])

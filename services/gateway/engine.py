@@ -39,6 +39,29 @@ class EngineConfig:
     max_waiting: int
     max_decode_stall_s: float = 0.0  # inter-token budget that caps prefill chunks beside decodes; 0: none
     kv_cache_bytes: int = 0  # KV memory of the running sequences; 0: no limit
+    micro_batches: int = 1  # a step's sequences split into up to this many micro-batches run in ping-pong
+    micro_batch_min_tokens: int = 8  # fewest tokens of one micro-batch: smaller steps are not split
+
+
+def split_micro_batches(
+    chosen: list[tuple["Sequence", int]], parts: int, min_tokens: int
+) -> list[list[tuple["Sequence", int]]]:
+    """The step's (sequence, tokens) in up to `parts` consecutive groups of about equal tokens, each of at
+    least `min_tokens` (a sequence is never split): the micro-batches `DenseModel.forward` runs in ping-pong.
+    Splitting pays each layer's fixed costs once per micro-batch, so small steps stay whole."""
+    total = sum(n for _, n in chosen)
+    parts = max(1, min(parts, len(chosen), total // max(1, min_tokens)))
+    groups: list[list[tuple[Sequence, int]]] = [[]]
+    taken = 0
+    for seq, n in chosen:
+        if taken >= total * len(groups) / parts and len(groups) < parts:
+            groups.append([])
+        groups[-1].append((seq, n))
+        taken += n
+    if len(groups) > 1 and sum(n for _, n in groups[-1]) < min_tokens:  # a large sequence came last but one
+        last = groups.pop()
+        groups[-1] += last
+    return groups
 
 
 class Sequence:
@@ -292,24 +315,16 @@ class Engine:
 
     def _step(self) -> None:
         chosen = self._make_room(self._schedule())
-        ids, positions, slices, logit_rows, sampled = [], [], [], [], []
-        for seq, n in chosen:
-            start = len(ids)
-            ids += seq.token_ids(seq.computed, n)
-            positions += range(seq.computed, seq.computed + n)
-            slices.append(SequenceSlice(start, n, seq.cache))
-            if n == seq.pending:  # this chunk ends the known tokens: the next one is due
-                logit_rows.append(len(ids) - 1)
-                sampled.append(seq)
-        rows = torch.tensor(logit_rows, dtype=torch.long)  # may be empty: a step of prefill chunks only
-        deadlines = [seq.deadline for seq, _ in chosen]
-        latest = None if None in deadlines else max(deadlines)  # the step is useful until its last client gives up
-        batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows, latest)
+        groups = split_micro_batches(chosen, self.config.micro_batches, self.config.micro_batch_min_tokens)
+        batches = [self._pack(group) for group in groups]
+        sampled = [seq for group in groups for seq, n in group if n == seq.pending]  # the logit rows, in order
+        num_tokens = sum(n for _, n in chosen)
         try:
             traced = [seq.trace.phase for seq, _ in chosen if seq.trace is not None]
-            with tracing.step("gateway.step", traced, {"moemesh.sequences": len(chosen), "moemesh.tokens": len(ids)}):
+            attributes = {"moemesh.sequences": len(chosen), "moemesh.tokens": num_tokens}
+            with tracing.step("gateway.step", traced, attributes | {"moemesh.micro_batches": len(batches)}):
                 started = time.monotonic()
-                logits = self._forward(batch)
+                logits = self._forward(batches)
                 chunks = [n for _, n in chosen if n > 1]
                 self.cost.observe(len(chosen) - len(chunks), sum(chunks), time.monotonic() - started)
             for seq, n in chosen:
@@ -325,16 +340,37 @@ class Engine:
             error = exc if isinstance(exc, MoemeshError) else MoemeshError(f"internal error: {type(exc).__name__}")
             self._fail([seq for seq, _ in chosen if seq in self.running], error)
 
-    def _forward(self, batch: StepBatch) -> torch.Tensor:
+    @staticmethod
+    def _pack(chosen: list[tuple[Sequence, int]]) -> StepBatch:
+        """One batch of the chosen sequences' next tokens: n of each, with a logit row where its chunk ends
+        the known tokens."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slices, logit_rows = [], []
+        for seq, n in chosen:
+            start = len(ids)
+            ids += seq.token_ids(seq.computed, n)
+            positions += range(seq.computed, seq.computed + n)
+            slices.append(SequenceSlice(start, n, seq.cache))
+            if n == seq.pending:  # this chunk ends the known tokens: the next one is due
+                logit_rows.append(len(ids) - 1)
+        rows = torch.tensor(logit_rows, dtype=torch.long)  # may be empty: a step of prefill chunks only
+        deadlines = [seq.deadline for seq, _ in chosen]
+        latest = None if None in deadlines else max(deadlines)  # the step is useful until its last client gives up
+        return StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows, latest)
+
+    def _forward(self, batches: list[StepBatch]) -> torch.Tensor:
         """The step's forward pass, run once more if it fails for a reason a rerun may not meet again."""
+        deadlines = [b.deadline for b in batches]
+        deadline = None if None in deadlines else max(deadlines)
         for attempt in (1, 2):
             try:
                 with metrics.STEP_SECONDS.time():
-                    return self.model(batch, self.routed)
+                    return self.model(batches, self.routed)
             except InvalidArgument:
                 raise  # the same input fails the same way
             except Exception as exc:  # noqa: BLE001
-                out_of_time = batch.deadline is not None and time.monotonic() >= batch.deadline
+                out_of_time = deadline is not None and time.monotonic() >= deadline
                 if attempt == 2 or out_of_time:
                     raise
                 log.warning("step failed (%s); running it once more", exc)

@@ -114,6 +114,77 @@ def test_batching_invariance(engine):
     assert [o.prompt_tokens for o in together] == lengths
 
 
+def test_micro_batches_give_the_tokens_of_one_batch(engine, model_dir):
+    """Steps split into ping-pong micro-batches (forced here, though the experts are in-process) give each
+    sequence the tokens it has alone; with a budget of 48 tokens, steps mix decodes and prefill chunks."""
+    split = start(model_dir, max_batch_tokens=48, micro_batches=3, micro_batch_min_tokens=1)
+    try:
+        rng = random.Random(2)
+        prompts = [[rng.randrange(VOCAB) for _ in range(n)] for n in (1, 3, 9, 30, 47, 60, 2, 5)]
+        alone = [generate(engine, p, max_new_tokens=6).token_ids for p in prompts]
+        seqs = [split.submit(request(p, max_new_tokens=6)) for p in prompts]
+        assert [collect(s).token_ids for s in seqs] == alone
+    finally:
+        split.stop()
+
+
+def test_micro_batches_take_turns_at_every_moe_layer(model_dir):
+    """With two micro-batches A and B, B's layer runs while A's routed experts are in flight, and A's next
+    layer while B's are (ping-pong); the logits come back in the batches' order, as one by one."""
+    from moemesh.checkpoint import Checkpoint
+    from moemesh.model import DenseModel, KVCache, SequenceSlice, StepBatch
+    from services.gateway.server import build_engine as build
+
+    in_process, _ = build(GatewaySettings(model=model_dir, dtype="float32"))
+    events = []
+
+    class Recording:
+        def submit(self, layer, hidden, deadline):
+            events.append(("submit", layer, hidden.shape[0]))
+            output = in_process.routed.submit(layer, hidden, deadline)
+            return lambda: events.append(("wait", layer, hidden.shape[0])) or output()
+
+    ckpt = Checkpoint(model_dir)
+    dense = DenseModel.from_checkpoint(ckpt, torch.float32)
+    prompts = [[3, 4, 5], [6, 7]]
+
+    def batch(prompt):
+        cache = KVCache(ckpt.config, torch.float32)
+        n = len(prompt)
+        return StepBatch(torch.tensor(prompt), torch.arange(n), [SequenceSlice(0, n, cache)], torch.tensor([n - 1]))
+
+    together = dense([batch(p) for p in prompts], Recording())
+    first, *rest = ckpt.config.moe_layers
+    expected = [("submit", first, 3), ("submit", first, 2)]
+    for before, layer in zip([first, *rest], rest):
+        expected += [("wait", before, 3), ("submit", layer, 3), ("wait", before, 2), ("submit", layer, 2)]
+    expected += [("wait", ckpt.config.moe_layers[-1], 3), ("wait", ckpt.config.moe_layers[-1], 2)]
+    assert rest and events == expected
+    one_by_one = torch.cat([dense([batch(p)], in_process.routed) for p in prompts])
+    torch.testing.assert_close(together, one_by_one, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "parts", "min_tokens", "expected"),
+    [
+        ([1, 1, 1, 1], 2, 1, [[1, 1], [1, 1]]),
+        ([1, 1, 1, 1], 2, 4, [[1, 1, 1, 1]]),  # too few tokens for two micro-batches of 4
+        ([1] * 6 + [30], 2, 4, [[1] * 6 + [30]]),  # the big chunk came last: its 30 tokens cannot be split
+        ([30, 1, 1, 1, 1, 1, 1], 2, 4, [[30], [1] * 6]),
+        ([30, 1, 1], 2, 4, [[30, 1, 1]]),  # what follows the big chunk is too small for a micro-batch
+        ([1, 1], 3, 1, [[1], [1]]),  # never more micro-batches than sequences
+        ([5, 5, 5, 5, 5, 5], 3, 1, [[5, 5], [5, 5], [5, 5]]),
+    ],
+)
+def test_split_micro_batches(tokens, parts, min_tokens, expected):
+    from services.gateway.engine import split_micro_batches
+
+    chosen = [(object(), n) for n in tokens]
+    groups = split_micro_batches(chosen, parts, min_tokens)
+    assert [[n for _, n in g] for g in groups] == expected
+    assert [pair for g in groups for pair in g] == chosen  # order kept, nothing lost
+
+
 def test_chunked_prefill_matches_a_one_pass_reference(engine, model_dir):
     """Prompts longer than the step budget are prefilled over several steps; the tokens must not change."""
     import torch

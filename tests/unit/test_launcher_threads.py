@@ -1,0 +1,23 @@
+"""`moemesh up`'s torch threads per service: every core for the gateway, the cores shared out among shards."""
+
+from pathlib import Path
+
+import pytest
+
+from moemesh import hardware
+from moemesh.launcher import ClusterSpec
+
+pytestmark = pytest.mark.timeout(10)
+
+
+@pytest.mark.parametrize(("cores", "experts", "gateway", "others"), [(2, 2, 2, 1), (8, 2, 8, 4), (2, 4, 2, 1)])
+def test_default_threads(monkeypatch, cores, experts, gateway, others):
+    monkeypatch.setattr(hardware, "available_cores", lambda: cores)
+    spec = ClusterSpec(model=Path("m"), experts=experts)
+    assert (spec.gateway_threads(), spec.service_threads()) == (gateway, others)
+
+
+def test_threads_flag_sets_every_service(monkeypatch):
+    monkeypatch.setattr(hardware, "available_cores", lambda: 8)
+    spec = ClusterSpec(model=Path("m"), experts=2, threads=3)
+    assert (spec.gateway_threads(), spec.service_threads()) == (3, 3)
