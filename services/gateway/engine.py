@@ -44,7 +44,15 @@ class EngineConfig:
 class Sequence:
     """One request's state in the engine; the caller reads its outputs with `outputs()`."""
 
-    def __init__(self, request: GenerationRequest, text: TextStream, cache: KVCache | None, deadline: float | None):
+    def __init__(
+        self,
+        request: GenerationRequest,
+        text: TextStream,
+        cache: KVCache | None,
+        deadline: float | None,
+        device: torch.device,
+    ):
+        """`device`: the model's, where its logits are sampled (with this sequence's generator)."""
         self.prompt_ids = request.prompt_ids
         self.sampling = request.sampling
         self.priority = request.priority
@@ -56,7 +64,7 @@ class Sequence:
         self.cached = cache.length if cache else 0  # prompt tokens whose keys/values came precomputed
         self.computed = self.cached  # tokens whose keys/values are in the cache
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device).manual_seed(seed)
         self.cancelled = False
         self.deadline = deadline  # the client's, as time.monotonic(); None: none
         self.submitted_at = time.monotonic()  # metrics: queue time, TTFT, inter-token latency, end to end
@@ -116,7 +124,7 @@ class Engine:
         """`guard`: the output rules every generation's text is checked against while it streams."""
         self.model, self.routed, self.config, self.text, self.guard = model, routed, config, text, guard
         self.eos_ids = set(eos_ids)
-        self.dtype = model.embed_tokens.weight.dtype
+        self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
         self.running: list[Sequence] = []
         self._waiting: list[Sequence] = []
         self.cost = StepCost()
@@ -159,7 +167,7 @@ class Engine:
 
     def new_cache(self, request: GenerationRequest) -> KVCache:
         """An empty cache (it grows as the sequence does)."""
-        return KVCache(self.model.cfg, self.dtype)
+        return KVCache(self.model.cfg, self.dtype, self.device)
 
     def _kv_bytes(self, positions: int) -> int:
         return KVCache.bytes_for(self.model.cfg, self.dtype, positions)
@@ -175,7 +183,7 @@ class Engine:
                 f"sampling.max_new_tokens: prompt + max_new_tokens need {needed:,} bytes of KV cache, more than the "
                 f"gateway's {self.config.kv_cache_bytes:,} (--kv-cache-bytes)"
             )
-        seq = Sequence(request, TextStream(self.text, request.sampling.stop, self.guard), cache, deadline)
+        seq = Sequence(request, TextStream(self.text, request.sampling.stop, self.guard), cache, deadline, self.device)
         with self._wakeup:
             if self._thread.ident is not None and not self._thread.is_alive() and not self._stopped:
                 raise Unavailable("the gateway's engine is not running; retry on another replica")
@@ -301,10 +309,12 @@ class Engine:
             if n == seq.pending:  # this chunk ends the known tokens: the next one is due
                 logit_rows.append(len(ids) - 1)
                 sampled.append(seq)
-        rows = torch.tensor(logit_rows, dtype=torch.long)  # may be empty: a step of prefill chunks only
+        device = self.device
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=device)  # may be empty: prefill chunks only
         deadlines = [seq.deadline for seq, _ in chosen]
         latest = None if None in deadlines else max(deadlines)  # the step is useful until its last client gives up
-        batch = StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows, latest)
+        token_ids, positions = torch.tensor(ids, device=device), torch.tensor(positions, device=device)
+        batch = StepBatch(token_ids, positions, slices, rows, latest)
         try:
             traced = [seq.trace.phase for seq, _ in chosen if seq.trace is not None]
             with tracing.step("gateway.step", traced, {"moemesh.sequences": len(chosen), "moemesh.tokens": len(ids)}):

@@ -124,8 +124,9 @@ def test_chunked_prefill_matches_a_one_pass_reference(engine, model_dir):
     def in_process(ckpt):
         cfg = ckpt.config
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-        experts = LocalExperts(load_experts(ckpt, pairs, torch.float32))
-        return RoutedMoE(load_gates(ckpt, torch.float32), experts, cfg.num_experts)
+        cpu = torch.device("cpu")
+        experts = LocalExperts(load_experts(ckpt, pairs, torch.float32, cpu))
+        return RoutedMoE(load_gates(ckpt, torch.float32, cpu), experts, cfg.num_experts)
 
     rng = random.Random(1)
     for n in (1, 130):
