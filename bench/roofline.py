@@ -59,9 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ckpt.config
     print(f"command: {command_line('bench.roofline')}")
     print(f"CPU: {cpu_description()}; torch threads {torch.get_num_threads()}; {load_average()}")
-    print(
-        f"--dtype auto for this {cfg.checkpoint_dtype} checkpoint: {hardware.auto_compute_dtype(cfg.checkpoint_dtype)}"
-    )
+    auto = hardware.auto_compute_dtype(cfg.checkpoint_dtype, torch.device("cpu"))
+    print(f"--dtype auto for this {cfg.checkpoint_dtype} checkpoint on this CPU: {auto}")
     inner, outer = cfg.hidden_size, cfg.moe_intermediate_size
     rows = []
     peak = {}

@@ -244,13 +244,13 @@ def _engine_client(engine, max_new: int) -> Callable[[int, list[int]], RequestRe
 
 
 def run_in_process(model: Path, levels: list[int], num_requests: int, vocab_size: int, max_new: int,
-                   profile: bool) -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
+                   profile: bool, device: str = "auto") -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
     from prometheus_client import REGISTRY
 
     from moemesh.settings import GatewaySettings
     from services.gateway.server import build_engine
 
-    engine, _ = build_engine(GatewaySettings(model=model))
+    engine, _ = build_engine(GatewaySettings(model=model, device=device))
     engine.start()
     try:
         one = _engine_client(engine, max_new)

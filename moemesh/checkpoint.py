@@ -25,8 +25,9 @@ class Checkpoint:
         self._check(headers)
         self.fingerprint = self._fingerprint(headers)
 
-    def load(self, tensors: TensorMap, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        """Reads the given checkpoint tensors, keyed by our module path, cast to `dtype`."""
+    def load(self, tensors: TensorMap, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+        """Reads the given checkpoint tensors, keyed by our module path, cast to `dtype` on `device` (on the CPU, a
+        tensor stored in `dtype` stays memory-mapped)."""
         by_file: dict[Path, list[str]] = {}
         for name in tensors:
             by_file.setdefault(self._file_of[name], []).append(name)
@@ -34,7 +35,7 @@ class Checkpoint:
         for path, names in by_file.items():
             with safe_open(path, framework="pt") as f:
                 for name in names:
-                    out[tensors[name][0]] = f.get_tensor(name).to(dtype)
+                    out[tensors[name][0]] = f.get_tensor(name).to(device, dtype)
         return out
 
     def _index(self) -> tuple[dict[str, Path], dict[str, tuple[str, Shape]]]:

@@ -54,6 +54,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: a free one)")
     up.add_argument("--redis", help="Redis URL (default: start a redis-server)")
+    up.add_argument("--device", default="auto", help="every service's device: auto, cpu, cuda or cuda:N")
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     up.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     up.add_argument("--quantize", default="none", choices=["none", "int8"], help="expert weights")
@@ -152,25 +153,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "up":
-        from moemesh import demo_model
+        from moemesh import demo_model, hardware
         from moemesh.launcher import ClusterSpec, up
 
         if args.certs and not args.tls:
             raise ConfigError("--certs needs --tls")
+        hardware.resolve_device(args.device)  # a device the services could not use fails before any starts
         return up(
             ClusterSpec(
                 model=args.model or demo_model.bot_dir(), experts=args.experts, replicas=args.replicas,
                 routers=args.routers, threads=args.threads, host=args.host, port=args.port, redis_url=args.redis,
-                dtype=args.dtype, wire_dtype=args.wire_dtype, quantize=args.quantize, tls=args.tls, certs=args.certs,
+                device=args.device, dtype=args.dtype, wire_dtype=args.wire_dtype, quantize=args.quantize, tls=args.tls,
+                certs=args.certs,
             )
         )  # fmt: skip
     if args.command in SERVICES:
         import importlib
 
-        from moemesh.settings import from_flags
+        from pydantic import ValidationError
 
-        module = SERVICES[args.command][1]
-        importlib.import_module(module).serve(from_flags(settings_class(args.command), args))
+        from moemesh.settings import describe, from_flags
+
+        try:
+            settings = from_flags(settings_class(args.command), args)
+        except ValidationError as exc:
+            raise ConfigError(describe(exc)) from None
+        importlib.import_module(SERVICES[args.command][1]).serve(settings)
         return 0
     if args.command == "generate":
         from moemesh.client.generate_cmd import stream_generate

@@ -1,7 +1,8 @@
 """Tensor wire codec: `torch.Tensor` <-> `moemesh.v1.Tensor` (dtype, shape, raw bytes).
 
 Bytes are the tensor's row-major elements in the host's byte order, which is little-endian on every
-machine we run on, as the wire contract requires.
+machine we run on, as the wire contract requires. A tensor on a GPU is cast to the wire dtype there (fewer
+bytes to copy), then copied to host memory to serialize; a parsed one is copied to the device asked for.
 """
 
 from __future__ import annotations
@@ -47,8 +48,14 @@ def to_pb(tensor: torch.Tensor, wire_dtype: torch.dtype | None = None) -> tensor
     return tensor_pb2.Tensor(dtype=code, shape=tensor.shape, data=data)
 
 
-def from_pb(msg: tensor_pb2.Tensor, dtype: torch.dtype | None = None, *, field: str = "tensor") -> torch.Tensor:
-    """Decode and validate `msg` (errors name `field`), cast to `dtype` when given."""
+def from_pb(
+    msg: tensor_pb2.Tensor,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+    *,
+    field: str = "tensor",
+) -> torch.Tensor:
+    """Decode and validate `msg` (errors name `field`), cast to `dtype` and copied to `device` when given."""
     wire = _FROM_PB.get(msg.dtype)
     if wire is None:
         raise InvalidArgument(f"{field}: dtype must be one of FLOAT32, BFLOAT16, FLOAT16 (got {msg.dtype})")
@@ -64,4 +71,6 @@ def from_pb(msg: tensor_pb2.Tensor, dtype: torch.dtype | None = None, *, field: 
         tensor = torch.empty(shape, dtype=wire)
     else:
         tensor = torch.frombuffer(bytearray(msg.data), dtype=wire).reshape(shape)
-    return tensor if dtype is None else tensor.to(dtype)
+    # non_blocking: CUDA stages pageable bytes before `to` returns (the buffer may go at once) without waiting
+    # for the kernels queued before the copy; those that follow are ordered after it. On the CPU: no copy.
+    return tensor.to(device, dtype, non_blocking=True)

@@ -232,6 +232,7 @@ class ClusterSpec:
     host: str = "127.0.0.1"
     port: int = 50051
     redis_url: str | None = None
+    device: str = "auto"  # every service's --device
     dtype: str = "auto"
     wire_dtype: str = "auto"
     quantize: str = "none"
@@ -262,9 +263,9 @@ def _start_group(cluster: Cluster, services: list[Service]) -> list[Child]:
 def _start(cluster: Cluster, spec: ClusterSpec, redis_dir: Path) -> tuple[Child, list[Service]]:
     """Starts every child in dependency order; returns the gateway and the services to supervise."""
     tls = cluster.tls
-    common = {"model": spec.model, "host": spec.host, "dtype": spec.dtype, "wire-dtype": spec.wire_dtype,
-              "threads": spec.service_threads(), "tls-cert": tls.cert, "tls-key": tls.key,
-              "tls-ca": tls.ca}  # fmt: skip
+    common = {"model": spec.model, "host": spec.host, "device": spec.device, "dtype": spec.dtype,
+              "wire-dtype": spec.wire_dtype, "threads": spec.service_threads(), "tls-cert": tls.cert,
+              "tls-key": tls.key, "tls-ca": tls.ca}  # fmt: skip
     supervised = []
     redis_url = spec.redis_url
     if not redis_url:

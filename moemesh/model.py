@@ -76,9 +76,11 @@ class KVCache:
     a plain slice.
     """
 
-    def __init__(self, cfg: ModelConfig, dtype: torch.dtype):
+    def __init__(self, cfg: ModelConfig, dtype: torch.dtype, device: torch.device):
         shapes = self.row_shapes(cfg)
-        self.layers = [tuple(torch.empty((0, *s), dtype=dtype) for s in shapes) for _ in range(cfg.num_layers)]
+        self.layers = [
+            tuple(torch.empty((0, *s), dtype=dtype, device=device) for s in shapes) for _ in range(cfg.num_layers)
+        ]
         self.length = 0  # positions written by completed steps
         self.position_bytes = self.bytes_per_position(cfg, dtype)
 
@@ -97,6 +99,10 @@ class KVCache:
     def bytes_for(cls, cfg: ModelConfig, dtype: torch.dtype, positions: int) -> int:
         """Bytes a cache holding `positions` takes (whole blocks)."""
         return -(-positions // KV_BLOCK) * KV_BLOCK * cls.bytes_per_position(cfg, dtype)
+
+    @property
+    def device(self) -> torch.device:
+        return self.layers[0][0].device
 
     @property
     def capacity(self) -> int:
@@ -157,8 +163,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: flo
     keys, values = keys[lo:], values[lo:]
     mask = None
     if n > 1:
-        q_pos = torch.arange(first_query, total)[:, None]
-        k_pos = torch.arange(lo, total)[None, :]
+        q_pos = torch.arange(first_query, total, device=q.device)[:, None]
+        k_pos = torch.arange(lo, total, device=q.device)[None, :]
         mask = k_pos <= q_pos
         if window:
             mask &= k_pos > q_pos - window  # [n, L - lo]
@@ -362,10 +368,10 @@ class DenseModel(nn.Module):
         return self.norm(x[batch.logit_rows])
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype) -> "DenseModel":
+    def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> "DenseModel":
         with torch.device("meta"):
             model = cls(ckpt.config)
-        state = ckpt.load(ckpt.tensors.dense(), dtype)
+        state = ckpt.load(ckpt.tensors.dense(), dtype, device)
         # The LM head is a decode step's largest matmul (a GEMV at one stream). Stored input-major (the same
         # [vocab, hidden] values over a [hidden, vocab] buffer), torch's CPU kernels stream it near memory
         # speed: 0.35x the time in fp32 and 0.76x in bf16 at one row (docs/benchmarks.md).
@@ -375,28 +381,31 @@ class DenseModel(nn.Module):
         if tied:
             state["embed_tokens.weight"] = head  # one buffer for both
         model.load_state_dict(state, strict=True, assign=True)
-        model.rotary = RotaryEmbedding(ckpt.config.rope)
+        model.rotary = RotaryEmbedding(ckpt.config.rope).to(device)
         return model.eval()
 
 
-def load_gates(ckpt: Checkpoint, dtype: torch.dtype) -> dict[int, Gate]:
+def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> dict[int, Gate]:
     cfg = ckpt.config
     gates = {}
     for layer in cfg.moe_layers:
         with torch.device("meta"):
             gate = Gate(cfg.gate, cfg.hidden_size, cfg.num_experts)
-        gate.load_state_dict(ckpt.load(ckpt.tensors.gate(layer), dtype), strict=True, assign=True)
+        gate.load_state_dict(ckpt.load(ckpt.tensors.gate(layer), dtype, device), strict=True, assign=True)
         gates[layer] = gate.eval().requires_grad_(False)
     return gates
 
 
-def load_experts(ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype) -> dict[tuple[int, int], MLP]:
+def load_experts(
+    ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype, device: torch.device
+) -> dict[tuple[int, int], MLP]:
     """Reads only the given (layer, expert) pairs' weights."""
     cfg = ckpt.config
     experts = {}
     for layer, expert in pairs:
         with torch.device("meta"):
             module = MLP(cfg.hidden_size, cfg.moe_intermediate_size)
-        module.load_state_dict(ckpt.load(ckpt.tensors.expert(layer, expert), dtype), strict=True, assign=True)
+        state = ckpt.load(ckpt.tensors.expert(layer, expert), dtype, device)
+        module.load_state_dict(state, strict=True, assign=True)
         experts[(layer, expert)] = module.eval().requires_grad_(False)
     return experts

@@ -45,8 +45,7 @@ class DispatchPlan:
 
     def combine(self, outputs: torch.Tensor, num_tokens: int) -> torch.Tensor:
         weighted = (outputs.float() * self.weight_of_row[:, None]).to(outputs.dtype)
-        out = torch.zeros(num_tokens, outputs.shape[1], dtype=outputs.dtype)
-        return out.index_add_(0, self.token_of_row, weighted)  # [T, D]
+        return weighted.new_zeros(num_tokens, outputs.shape[1]).index_add_(0, self.token_of_row, weighted)  # [T, D]
 
 
 class LocalExperts:

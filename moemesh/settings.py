@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal, get_args, get_origin
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moemesh import hardware
@@ -26,10 +26,15 @@ class ServiceSettings(BaseSettings):
     model: Path = Field(description="Hugging Face checkpoint directory")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(0, description="port to bind; 0 picks a free one (printed on the ready line)")
+    device: str = Field(
+        "auto",
+        description="where weights, KV cache and compute live: auto (the first CUDA device if torch sees one, "
+        "else the CPU), cpu, cuda or cuda:N",
+    )
     dtype: ComputeDType = Field(
         "auto",
-        description="compute dtype; auto: the checkpoint's, but fp32 for a bf16/fp16 checkpoint on a CPU "
-        "without native bf16 (AVX512_BF16, AMX)",
+        description="compute dtype; auto: the checkpoint's, but fp32 for a bf16/fp16 checkpoint on a device "
+        "without native bf16 (a CPU without AVX512_BF16/AMX, a GPU before compute capability 8.0)",
     )
     wire_dtype: WireDType = Field("auto", description="dtype of tensors between services; auto: the compute dtype")
     threads: int = Field(
@@ -53,6 +58,11 @@ class ServiceSettings(BaseSettings):
 
     internal: ClassVar[bool] = False  # routers and experts: a TLS port of theirs requires client certificates
 
+    @field_validator("device")
+    @classmethod
+    def _device_name(cls, name: str) -> str:
+        return hardware.check_device_name(name)
+
     @model_validator(mode="after")
     def _tls_files_go_together(self) -> "ServiceSettings":
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -67,8 +77,14 @@ class ServiceSettings(BaseSettings):
         """The TLS files, read (a missing one fails here, at start)."""
         return Tls.load(self.tls_cert, self.tls_key, self.tls_ca)
 
-    def compute_dtype(self, checkpoint_dtype: torch.dtype) -> torch.dtype:
-        return hardware.auto_compute_dtype(checkpoint_dtype) if self.dtype == "auto" else parse_dtype(self.dtype)
+    def torch_device(self) -> torch.device:
+        """The device (a CUDA one torch cannot see fails here, at start)."""
+        return hardware.resolve_device(self.device)
+
+    def compute_dtype(self, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        if self.dtype == "auto":
+            return hardware.auto_compute_dtype(checkpoint_dtype, device)
+        return parse_dtype(self.dtype)
 
     def set_torch_threads(self) -> None:
         torch.set_num_threads(self.threads or hardware.available_cores())
@@ -132,7 +148,8 @@ class GatewaySettings(ServiceSettings):
     kv_cache_bytes: int = Field(
         0,
         description="KV cache memory of the running sequences: admission waits for room, a sequence that outgrows "
-        "it is preempted (recomputed later); 0: 0.4 x the memory available at start (cgroup-aware)",
+        "it is preempted (recomputed later); 0: 0.4 x the memory available at start (cgroup-aware; on CUDA the "
+        "GPU's free memory)",
     )
     default_max_new_tokens: int = Field(64, description="max_new_tokens when a request leaves it unset")
     max_new_tokens_limit: int = Field(4096, description="largest max_new_tokens a request may ask for")
@@ -177,6 +194,16 @@ def add_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings])
         flag = "--" + name.replace("_", "-")
         choices = get_args(field.annotation) if get_origin(field.annotation) is Literal else None
         parser.add_argument(flag, dest=name, default=None, choices=choices, help=field.description)
+
+
+def describe(exc: ValidationError) -> str:
+    """The problems of settings that failed validation, each after the setting it is about (for the CLI)."""
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        problems.append(f"{where}: {message}" if where else message)
+    return "; ".join(problems)
 
 
 def from_flags(settings_cls: type[BaseSettings], args: argparse.Namespace) -> Any:

@@ -18,6 +18,7 @@ from moemesh.tls import Tls, open_channel
 from moemesh.v1 import gateway_pb2_grpc
 
 DEEPSEEK_VOCAB = 129280
+CPU = torch.device("cpu")
 
 
 def make_mixtral(path: Path, *, seed: int = 0, tokenizer: bool = False, **overrides) -> Path:
@@ -48,16 +49,19 @@ def make_mixtral(path: Path, *, seed: int = 0, tokenizer: bool = False, **overri
     return path
 
 
-def hf_greedy(model_dir: Path, prompt: list[int], steps: int) -> tuple[list[int], list[torch.Tensor]]:
-    """`transformers` greedy tokens and the logits [V] before each of them."""
+def hf_greedy(
+    model_dir: Path, prompt: list[int], steps: int, device: torch.device = CPU
+) -> tuple[list[int], list[torch.Tensor]]:
+    """`transformers` greedy tokens and the logits [V] before each of them (in host memory), run in fp32 on
+    `device`."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()
     out = model.generate(
-        torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, output_logits=True,
+        torch.tensor([prompt], device=device), max_new_tokens=steps, do_sample=False, output_logits=True,
         return_dict_in_generate=True, pad_token_id=0,
     )  # fmt: skip
-    return out.sequences[0, len(prompt) :].tolist(), [step[0] for step in out.logits]
+    return out.sequences[0, len(prompt) :].tolist(), [step[0].cpu() for step in out.logits]
 
 
 class OutputProcess:
@@ -183,24 +187,25 @@ class Cluster:
 
 
 def stepwise_logits(
-    model_dir: Path, routed_factory, prompt: list[int], steps: int
+    model_dir: Path, routed_factory, prompt: list[int], steps: int, device: torch.device = CPU
 ) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding with our dense model and the given routed experts; logits [V] of every step."""
+    """Greedy decoding with our dense model on `device` and the routed experts `routed_factory(ckpt)`; logits
+    [V] of every step, in host memory."""
     from moemesh.checkpoint import Checkpoint
     from moemesh.model import DenseModel, KVCache, SequenceSlice, StepBatch
 
     ckpt = Checkpoint(model_dir)
-    dense = DenseModel.from_checkpoint(ckpt, torch.float32)
+    dense = DenseModel.from_checkpoint(ckpt, torch.float32, device)
     routed = routed_factory(ckpt)
-    cache = KVCache(ckpt.config, torch.float32)
+    cache = KVCache(ckpt.config, torch.float32, device)
     ids, tokens, logits = prompt, [], []
     for _ in range(steps):
         n = len(ids)
         batch = StepBatch(
-            torch.tensor(ids), torch.arange(cache.length, cache.length + n), [SequenceSlice(0, n, cache)],
-            torch.tensor([n - 1]),
+            torch.tensor(ids, device=device), torch.arange(cache.length, cache.length + n, device=device),
+            [SequenceSlice(0, n, cache)], torch.tensor([n - 1], device=device),
         )  # fmt: skip
-        step_logits = dense([batch], routed)[0]
+        step_logits = dense([batch], routed)[0].cpu()
         cache.length += n
         logits.append(step_logits)
         tokens.append(int(step_logits.argmax()))

@@ -14,7 +14,7 @@ from moemesh.moe import LocalExperts, RoutedMoE
 from moemesh.v1 import expert_pb2, expert_pb2_grpc, gateway_pb2
 from services.gateway.router_client import RouterClient
 from tests.family_checkpoints import FAMILIES
-from tests.helpers import Cluster, hf_greedy, stepwise_logits
+from tests.helpers import CPU, Cluster, hf_greedy, stepwise_logits
 from tests.test_parity import LOGIT_TOLERANCE, PROMPT, hf_logprobs, local_moe, max_logit_diff
 
 STEPS = 32
@@ -48,7 +48,7 @@ def test_distributed_path_matches_transformers(family, family_dirs):
         assert list(response.token_ids) == hf_tokens
         expected = hf_logprobs(hf_tokens, hf_logits)
         assert max(abs(a - b) for a, b in zip(response.logprobs, expected, strict=True)) < LOGIT_TOLERANCE
-        router = lambda ckpt: RouterClient([cluster.router], torch.float32, torch.float32, timeout_s=60)  # noqa: E731
+        router = lambda ckpt: RouterClient([cluster.router], CPU, torch.float32, torch.float32, timeout_s=60)  # noqa: E731
         tokens, logits = stepwise_logits(model_dir, router, PROMPT, STEPS)
         assert tokens == hf_tokens
         assert max_logit_diff(logits, hf_logits) < LOGIT_TOLERANCE
@@ -80,11 +80,12 @@ def prompt_logits(model_dir, dtype: torch.dtype) -> torch.Tensor:
     ckpt = Checkpoint(model_dir)
     cfg = ckpt.config
     pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-    routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
+    experts = LocalExperts(load_experts(ckpt, pairs, dtype, CPU))
+    routed = RoutedMoE(load_gates(ckpt, dtype, CPU), experts, cfg.num_experts)
     n = len(PROMPT)
-    cache = KVCache(cfg, dtype)
+    cache = KVCache(cfg, dtype, CPU)
     batch = StepBatch(torch.tensor(PROMPT), torch.arange(n), [SequenceSlice(0, n, cache)], torch.arange(n))
-    return DenseModel.from_checkpoint(ckpt, dtype)([batch], routed)
+    return DenseModel.from_checkpoint(ckpt, dtype, CPU)([batch], routed)
 
 
 @pytest.mark.parametrize("family", [*FAMILIES, "mixtral"])

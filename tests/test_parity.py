@@ -7,10 +7,10 @@ from moemesh.model import load_experts, load_gates
 from moemesh.moe import LocalExperts, RoutedMoE
 from moemesh.settings import GatewaySettings
 from moemesh.v1 import gateway_pb2
-from services.gateway.requests import GenerationRequest, SamplingConfig, merge
+from services.gateway.requests import GenerationRequest, SamplingConfig, StepOutput, merge
 from services.gateway.router_client import RouterClient
 from services.gateway.server import build_engine
-from tests.helpers import hf_greedy, stepwise_logits
+from tests.helpers import CPU, Cluster, hf_greedy, stepwise_logits
 
 STEPS = 32
 PROMPT = [(37 * i + 11) % 500 for i in range(20)]  # longer than the 8-token window
@@ -19,12 +19,11 @@ CLUSTERS = {"mixtral_dir": "cluster", "mixtral_window_dir": "window_cluster"}
 LOGIT_TOLERANCE = 1e-4
 
 
-def local_moe(ckpt) -> RoutedMoE:
+def local_moe(ckpt, device: torch.device = CPU) -> RoutedMoE:
     cfg = ckpt.config
     pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-    return RoutedMoE(
-        load_gates(ckpt, torch.float32), LocalExperts(load_experts(ckpt, pairs, torch.float32)), cfg.num_experts
-    )
+    experts = LocalExperts(load_experts(ckpt, pairs, torch.float32, device))
+    return RoutedMoE(load_gates(ckpt, torch.float32, device), experts, cfg.num_experts)
 
 
 def max_logit_diff(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
@@ -33,6 +32,25 @@ def max_logit_diff(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> floa
 
 def hf_logprobs(tokens: list[int], logits: list[torch.Tensor]) -> list[float]:
     return [step.log_softmax(-1)[t].item() for t, step in zip(tokens, logits)]
+
+
+def engine_reply(settings: GatewaySettings) -> StepOutput:
+    """PROMPT's greedy reply (STEPS tokens, with logprobs) from an in-process engine built from `settings`."""
+    engine, _ = build_engine(settings)
+    engine.start()
+    try:
+        seq = engine.submit(GenerationRequest(PROMPT, SamplingConfig(max_new_tokens=STEPS, return_logprobs=True)))
+        return merge(list(seq.outputs()))
+    finally:
+        engine.stop()
+
+
+def assert_reply_matches(tokens: list[int], logprobs: list[float], hf: tuple[list[int], list[torch.Tensor]]) -> None:
+    """Same tokens as `transformers` (`hf_greedy`'s answer), each logprob within LOGIT_TOLERANCE."""
+    hf_tokens, hf_logits = hf
+    assert tokens == hf_tokens
+    diffs = [abs(a - b) for a, b in zip(logprobs, hf_logprobs(hf_tokens, hf_logits), strict=True)]
+    assert max(diffs) < LOGIT_TOLERANCE
 
 
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
@@ -48,17 +66,10 @@ def test_in_process_model_logits_match_transformers(checkpoint, request):
 @pytest.mark.parametrize("checkpoint", CHECKPOINTS)
 def test_in_process_engine_matches_transformers(checkpoint, max_batch_tokens, request):
     model_dir = request.getfixturevalue(checkpoint)
-    hf_tokens, hf_logits = hf_greedy(model_dir, PROMPT, STEPS)
-    engine, _ = build_engine(GatewaySettings(model=model_dir, dtype="float32", max_batch_tokens=max_batch_tokens))
-    engine.start()
-    try:
-        seq = engine.submit(GenerationRequest(PROMPT, SamplingConfig(max_new_tokens=STEPS, return_logprobs=True)))
-        out = merge(list(seq.outputs()))
-    finally:
-        engine.stop()
-    assert out.token_ids == hf_tokens
+    settings = GatewaySettings(model=model_dir, device="cpu", dtype="float32", max_batch_tokens=max_batch_tokens)
+    out = engine_reply(settings)
     assert out.finish_reason == "length"
-    assert max(abs(a - b) for a, b in zip(out.logprobs, hf_logprobs(hf_tokens, hf_logits))) < LOGIT_TOLERANCE
+    assert_reply_matches(out.token_ids, out.logprobs, hf_greedy(model_dir, PROMPT, STEPS))
 
 
 @pytest.mark.integration
@@ -66,21 +77,24 @@ def test_in_process_engine_matches_transformers(checkpoint, max_batch_tokens, re
 def test_distributed_path_matches_transformers(checkpoint, request):
     """Through `moemesh up` (real router, 2-3 expert shards, redis-server): tokens, logprobs and logits."""
     model_dir = request.getfixturevalue(checkpoint)
-    cluster = request.getfixturevalue(CLUSTERS[checkpoint])
-    hf_tokens, hf_logits = hf_greedy(model_dir, PROMPT, STEPS)
+    assert_cluster_matches(request.getfixturevalue(CLUSTERS[checkpoint]), hf_greedy(model_dir, PROMPT, STEPS))
 
+
+def assert_cluster_matches(
+    cluster: Cluster, hf: tuple[list[int], list[torch.Tensor]], device: torch.device = CPU
+) -> None:
+    """A running fp32 `moemesh up` gives `transformers`' tokens and logprobs (`hf`), and our dense model on
+    `device` stepping through its router gives the same logits."""
     response = cluster.stub.Generate(
         gateway_pb2.GenerateRequest(
             prompt_token_ids=PROMPT, sampling=gateway_pb2.SamplingParams(max_new_tokens=STEPS, return_logprobs=True)
         ),
         timeout=120,
     )
-    assert list(response.token_ids) == hf_tokens
+    assert_reply_matches(list(response.token_ids), list(response.logprobs), hf)
     assert response.usage.prompt_tokens == len(PROMPT) and response.usage.completion_tokens == STEPS
-    diffs = [abs(a - b) for a, b in zip(response.logprobs, hf_logprobs(hf_tokens, hf_logits), strict=True)]
-    assert max(diffs) < LOGIT_TOLERANCE
 
-    router = lambda ckpt: RouterClient([cluster.router], torch.float32, torch.float32, timeout_s=60)  # noqa: E731
-    tokens, logits = stepwise_logits(model_dir, router, PROMPT, STEPS)
-    assert tokens == hf_tokens
-    assert max_logit_diff(logits, hf_logits) < LOGIT_TOLERANCE
+    router = lambda ckpt: RouterClient([cluster.router], device, torch.float32, torch.float32, timeout_s=60)  # noqa: E731
+    tokens, logits = stepwise_logits(cluster.model_dir, router, PROMPT, STEPS, device)
+    assert tokens == hf[0]
+    assert max_logit_diff(logits, hf[1]) < LOGIT_TOLERANCE

@@ -17,8 +17,8 @@ INT8_LOGPROB_BOUND = 0.01  # measured ~1e-3 (docs/benchmarks.md, int8 section)
 def test_int8_shard_holds_a_quarter_of_the_fp32_bytes(mixtral_window_dir):
     ckpt = Checkpoint(mixtral_window_dir)
     cfg = ckpt.config
-    full = ExpertShard.load(ckpt, "0/2", torch.float32)
-    quantized = ExpertShard.load(ckpt, "0/2", torch.float32, quantize="int8")
+    full = ExpertShard.load(ckpt, "0/2", torch.float32, torch.device("cpu"))
+    quantized = ExpertShard.load(ckpt, "0/2", torch.float32, torch.device("cpu"), quantize="int8")
     assert full.parameter_bytes == shard_bytes(ckpt.tensors, "0/2", torch.float32)
     experts = len(cfg.moe_layers) * len(full.layers[0])
     scales = experts * 4 * (2 * cfg.moe_intermediate_size + cfg.hidden_size)  # one float32 per output row

@@ -4,10 +4,11 @@ import argparse
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from moemesh.errors import ConfigError
-from moemesh.settings import ExpertSettings, GatewaySettings, RouterSettings, add_flags, from_flags
+from moemesh.settings import ExpertSettings, GatewaySettings, RouterSettings, add_flags, describe, from_flags
 
 
 def parse(settings_cls, argv):
@@ -36,6 +37,30 @@ def test_bad_values_are_rejected_with_the_field_name():
         parse(GatewaySettings, ["--model", "/m", "--dtype", "int4"])
     with pytest.raises(ValidationError, match="max_batch_tokens"):
         parse(GatewaySettings, ["--model", "/m", "--max-batch-tokens", "many"])
+
+
+@pytest.mark.parametrize("name", ["auto", "cpu", "cuda", "cuda:1"])
+@pytest.mark.parametrize("settings_cls", [GatewaySettings, RouterSettings, ExpertSettings])
+def test_device_from_flags_and_environment(monkeypatch, settings_cls, name):
+    assert parse(settings_cls, ["--model", "/m", "--device", name]).device == name
+    monkeypatch.setenv("MOEMESH_DEVICE", name)
+    assert parse(settings_cls, ["--model", "/m"]).device == name
+    monkeypatch.delenv("MOEMESH_DEVICE")
+    assert parse(settings_cls, ["--model", "/m"]).device == "auto"
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda:", "cuda:x", "CPU", "cuda:0,1", ""])
+def test_a_bad_device_is_rejected_with_what_is_expected(name):
+    with pytest.raises(ValidationError, match=r"device\n.*is not a device: expected auto, cpu, cuda or cuda:N") as info:
+        parse(GatewaySettings, ["--model", "/m", "--device", name])
+    assert describe(info.value) == f"device: {name!r} is not a device: expected auto, cpu, cuda or cuda:N"
+
+
+def test_device_auto_resolves_to_the_cpu_here(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert parse(ExpertSettings, ["--model", "/m"]).torch_device() == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device: cuda requested, but torch .* sees no CUDA device"):
+        parse(ExpertSettings, ["--model", "/m", "--device", "cuda"]).torch_device()
 
 
 def test_tls_files_from_flags_and_environment(monkeypatch):

@@ -16,11 +16,12 @@ from services.experts.shard import ExpertShard
 
 def create_service(settings: ExpertSettings, load: bool = True) -> tuple[Service, ExpertServicer]:
     """The service and its servicer; the shard is loaded now, or with `load=False` by `load_shard` later."""
+    device = settings.torch_device()
     ckpt = Checkpoint(settings.model)
-    dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype)
+    dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype, device)
     credentials = settings.tls().server_credentials(require_client_auth=True)
     service = Service("expert", settings.host, settings.port, credentials=credentials)
-    servicer = ExpertServicer(None, dtype, settings.wire_torch_dtype(dtype), settings.fault_slowdown)
+    servicer = ExpertServicer(None, device, dtype, settings.wire_torch_dtype(dtype), settings.fault_slowdown)
     expert_pb2_grpc.add_ExpertServicer_to_server(servicer, service.server)
     if load:
         load_shard(settings, servicer)
@@ -31,7 +32,8 @@ def load_shard(settings: ExpertSettings, servicer: ExpertServicer) -> None:
     if settings.fault_load_delay_s > 0:
         time.sleep(settings.fault_load_delay_s)  # fault injection: a slow load, to observe NOT_SERVING
     ckpt = Checkpoint(settings.model)
-    servicer.set_shard(ExpertShard.load(ckpt, settings.shard, servicer.compute_dtype, settings.quantize))
+    shard = ExpertShard.load(ckpt, settings.shard, servicer.compute_dtype, servicer.device, settings.quantize)
+    servicer.set_shard(shard)
 
 
 def serve(settings: ExpertSettings) -> None:

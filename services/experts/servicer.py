@@ -25,10 +25,15 @@ PARAMETER_BYTES = Gauge("moemesh_expert_parameter_bytes", "Bytes of expert weigh
 
 class ExpertServicer(expert_pb2_grpc.ExpertServicer):
     def __init__(
-        self, shard: ExpertShard | None, compute_dtype: torch.dtype, wire_dtype: torch.dtype, slowdown: float = 1.0
+        self,
+        shard: ExpertShard | None,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        wire_dtype: torch.dtype,
+        slowdown: float = 1.0,
     ):
-        """`shard`: None while it loads (calls are UNAVAILABLE until `set_shard`)."""
-        self.shard, self.compute_dtype, self.wire_dtype = None, compute_dtype, wire_dtype
+        """`shard`: None while it loads (calls are UNAVAILABLE until `set_shard`); its weights are on `device`."""
+        self.shard, self.device, self.compute_dtype, self.wire_dtype = None, device, compute_dtype, wire_dtype
         self.served = 0  # requests answered, for operators and tests to see traffic arrive
         self.slowdown = slowdown  # fault injection: each call takes this many times its compute time, when on
         self.slow = False
@@ -55,7 +60,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
 
     def _compute(self, request: expert_pb2.ExpertRequest) -> expert_pb2.ExpertResponse:
         started = time.monotonic()
-        rows = codec.from_pb(request.hidden, self.compute_dtype, field="hidden")
+        rows = codec.from_pb(request.hidden, self.compute_dtype, self.device, field="hidden")
         groups = [ExpertGroup(g.expert, g.num_tokens) for g in request.groups]
         attributes = {"moemesh.layer": request.layer, "moemesh.tokens": rows.shape[0], "moemesh.experts": len(groups)}
         with tracing.call_span("expert.forward", request.traceparent, attributes):

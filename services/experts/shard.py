@@ -25,13 +25,16 @@ class ExpertShard:
         return sum(parameter_bytes(m) for m in self.run.experts.values())
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, spec: str, dtype: torch.dtype, quantize: str = "none") -> "ExpertShard":
-        """Reads this shard's experts; `quantize="int8"` keeps them as int8 weights with per-channel scales."""
+    def load(
+        cls, ckpt: Checkpoint, spec: str, dtype: torch.dtype, device: torch.device, quantize: str = "none"
+    ) -> "ExpertShard":
+        """Reads this shard's experts onto `device`; `quantize="int8"` keeps them as int8 weights with
+        per-channel scales."""
         cfg = ckpt.config
         experts = shard_experts(spec, cfg.num_experts)
         layers = {layer: experts for layer in cfg.moe_layers}
         pairs = [(layer, e) for layer, held in layers.items() for e in held]
-        modules = load_experts(ckpt, pairs, dtype)
+        modules = load_experts(ckpt, pairs, dtype, device)
         if quantize == "int8":
             modules = {pair: quantize_int8(module) for pair, module in modules.items()}
         return cls(ckpt.fingerprint, layers, cfg.hidden_size, LocalExperts(modules))

@@ -67,7 +67,15 @@ def split_micro_batches(
 class Sequence:
     """One request's state in the engine; the caller reads its outputs with `outputs()`."""
 
-    def __init__(self, request: GenerationRequest, text: TextStream, cache: KVCache | None, deadline: float | None):
+    def __init__(
+        self,
+        request: GenerationRequest,
+        text: TextStream,
+        cache: KVCache | None,
+        deadline: float | None,
+        device: torch.device,
+    ):
+        """`device`: the model's, where its logits are sampled (with this sequence's generator)."""
         self.prompt_ids = request.prompt_ids
         self.sampling = request.sampling
         self.priority = request.priority
@@ -79,7 +87,7 @@ class Sequence:
         self.cached = cache.length if cache else 0  # prompt tokens whose keys/values came precomputed
         self.computed = self.cached  # tokens whose keys/values are in the cache
         seed = request.sampling.seed if request.sampling.seed is not None else random.getrandbits(63)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device).manual_seed(seed)
         self.cancelled = False
         self.deadline = deadline  # the client's, as time.monotonic(); None: none
         self.submitted_at = time.monotonic()  # metrics: queue time, TTFT, inter-token latency, end to end
@@ -139,7 +147,7 @@ class Engine:
         """`guard`: the output rules every generation's text is checked against while it streams."""
         self.model, self.routed, self.config, self.text, self.guard = model, routed, config, text, guard
         self.eos_ids = set(eos_ids)
-        self.dtype = model.embed_tokens.weight.dtype
+        self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
         self.running: list[Sequence] = []
         self._waiting: list[Sequence] = []
         self.cost = StepCost()
@@ -182,7 +190,7 @@ class Engine:
 
     def new_cache(self, request: GenerationRequest) -> KVCache:
         """An empty cache (it grows as the sequence does)."""
-        return KVCache(self.model.cfg, self.dtype)
+        return KVCache(self.model.cfg, self.dtype, self.device)
 
     def _kv_bytes(self, positions: int) -> int:
         return KVCache.bytes_for(self.model.cfg, self.dtype, positions)
@@ -198,7 +206,7 @@ class Engine:
                 f"sampling.max_new_tokens: prompt + max_new_tokens need {needed:,} bytes of KV cache, more than the "
                 f"gateway's {self.config.kv_cache_bytes:,} (--kv-cache-bytes)"
             )
-        seq = Sequence(request, TextStream(self.text, request.sampling.stop, self.guard), cache, deadline)
+        seq = Sequence(request, TextStream(self.text, request.sampling.stop, self.guard), cache, deadline, self.device)
         with self._wakeup:
             if self._thread.ident is not None and not self._thread.is_alive() and not self._stopped:
                 raise Unavailable("the gateway's engine is not running; retry on another replica")
@@ -340,8 +348,7 @@ class Engine:
             error = exc if isinstance(exc, MoemeshError) else MoemeshError(f"internal error: {type(exc).__name__}")
             self._fail([seq for seq, _ in chosen if seq in self.running], error)
 
-    @staticmethod
-    def _pack(chosen: list[tuple[Sequence, int]]) -> StepBatch:
+    def _pack(self, chosen: list[tuple[Sequence, int]]) -> StepBatch:
         """One batch of the chosen sequences' next tokens: n of each, with a logit row where its chunk ends
         the known tokens."""
         ids: list[int] = []
@@ -354,10 +361,12 @@ class Engine:
             slices.append(SequenceSlice(start, n, seq.cache))
             if n == seq.pending:  # this chunk ends the known tokens: the next one is due
                 logit_rows.append(len(ids) - 1)
-        rows = torch.tensor(logit_rows, dtype=torch.long)  # may be empty: a step of prefill chunks only
+        device = self.device
+        rows = torch.tensor(logit_rows, dtype=torch.long, device=device)  # may be empty: prefill chunks only
         deadlines = [seq.deadline for seq, _ in chosen]
         latest = None if None in deadlines else max(deadlines)  # the step is useful until its last client gives up
-        return StepBatch(torch.tensor(ids), torch.tensor(positions), slices, rows, latest)
+        token_ids, positions = torch.tensor(ids, device=device), torch.tensor(positions, device=device)
+        return StepBatch(token_ids, positions, slices, rows, latest)
 
     def _forward(self, batches: list[StepBatch]) -> torch.Tensor:
         """The step's forward pass, run once more if it fails for a reason a rerun may not meet again."""

@@ -9,6 +9,10 @@ output never differs from a full recompute. For sliding-window models only the c
 can still see are stored and loaded. Loading never fails a turn: chunks come LOAD_BATCH_CHUNKS per
 round trip within a time budget, and a Redis error, a timeout or the budget running out end the
 reusable prefix at what has arrived.
+
+A cache on a GPU crosses to host memory in one batch each way: a save queues a copy of every layer's rows
+to store and waits once; a load fills pinned host buffers and queues their copies to the device, which the
+engine's next kernels are ordered after. A cache on the CPU is read and filled in place.
 """
 
 import json
@@ -67,10 +71,12 @@ class KVStore:
         """Writes the chunks from the one holding position `cached` on (the earlier ones are stored)."""
         first_chunk = cached // self.chunk
         first = max(first_chunk, self._first_visible(cache.length))
+        base = first * self.chunk
+        host = _on_host(cache, base, cache.length)
         with self.redis.pipeline(transaction=False) as pipe:
             for j in range(first, math.ceil(cache.length / self.chunk)):
                 rows = range(j * self.chunk, min((j + 1) * self.chunk, cache.length))
-                data = b"".join(_rows_bytes(t, rows) for layer in cache.layers for t in layer)
+                data = b"".join(_rows_bytes(t, rows.start - base, rows.stop - base) for layer in host for t in layer)
                 meta = {
                     "model": self.model_tag,
                     "dtype": str(cache.layers[0][0].dtype),
@@ -98,8 +104,11 @@ class KVStore:
             bad = next((j for j in needed if not self._valid(*chunks.get(j), prompt, j, end, cache)), None)
             if bad is None:
                 cache.reserve(end)
+                base = needed.start * self.chunk
+                host = _host_buffers(cache, base, end)
                 for j in needed:
-                    self._fill(cache, j, end, chunks.get(j))
+                    self._fill(host, j * self.chunk - base, end - j * self.chunk, chunks.get(j))
+                _to_device(host, cache, base, end)
                 cache.length = end
                 return end
             end = bad * self.chunk
@@ -133,14 +142,15 @@ class KVStore:
             and m.get("crc32") == zlib.crc32(data)
         )
 
-    def _fill(self, cache: KVCache, j: int, end: int, chunk: Chunk) -> None:
+    @staticmethod
+    def _fill(host: list[tuple[torch.Tensor, ...]], start: int, room: int, chunk: Chunk) -> None:
+        """Writes a valid chunk's rows, at most `room` of them, at row `start` of every layer's buffers."""
         data, meta = chunk
         stored = len(json.loads(meta)["tokens"])
-        start = j * self.chunk
-        used = min(stored, end - start)
+        used = min(stored, room)
         raw = torch.frombuffer(bytearray(data), dtype=torch.uint8)
         offset = 0
-        for layer in cache.layers:
+        for layer in host:
             for t in layer:
                 n = stored * t[0].numel() * t.element_size()
                 rows = raw[offset : offset + n].view(t.dtype).view(stored, *t.shape[1:])
@@ -183,8 +193,37 @@ class _ChunkFetcher:
         self.stopped = True
 
 
-def _rows_bytes(t: torch.Tensor, rows: range) -> bytes:
-    return t[rows.start : rows.stop].contiguous().view(torch.uint8).numpy().tobytes()
+def _on_host(cache: KVCache, start: int, end: int) -> list[tuple[torch.Tensor, ...]]:
+    """Rows [start, end) of every layer's tensors in host memory: views of a CPU cache; from a GPU, every copy
+    queued (into pinned memory), then one wait for them all."""
+    host = [tuple(t[start:end].to("cpu", non_blocking=True) for t in layer) for layer in cache.layers]
+    if cache.device.type != "cpu":
+        torch.accelerator.synchronize(cache.device)
+    return host
+
+
+def _host_buffers(cache: KVCache, start: int, end: int) -> list[tuple[torch.Tensor, ...]]:
+    """Where a load writes rows [start, end) of every layer: the cache itself on the CPU, else pinned buffers
+    that `_to_device` copies into it."""
+    if cache.device.type == "cpu":
+        return [tuple(t[start:end] for t in layer) for layer in cache.layers]
+    return [
+        tuple(torch.empty((end - start, *t.shape[1:]), dtype=t.dtype, pin_memory=True) for t in layer)
+        for layer in cache.layers
+    ]
+
+
+def _to_device(host: list[tuple[torch.Tensor, ...]], cache: KVCache, start: int, end: int) -> None:
+    """Queues the copies of `_host_buffers` into the cache (nothing to do on the CPU: they are the cache)."""
+    if cache.device.type == "cpu":
+        return
+    for layer, buffers in zip(cache.layers, host, strict=True):
+        for t, buffer in zip(layer, buffers, strict=True):
+            t[start:end].copy_(buffer, non_blocking=True)
+
+
+def _rows_bytes(t: torch.Tensor, start: int, stop: int) -> bytes:
+    return t[start:stop].contiguous().view(torch.uint8).numpy().tobytes()
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -25,13 +25,15 @@ class RouterClient:
     def __init__(
         self,
         addresses: list[str],
+        device: torch.device,
         compute_dtype: torch.dtype,
         wire_dtype: torch.dtype,
         timeout_s: float,
         hedge_floor_s: float = 1.0,
         credentials: grpc.ChannelCredentials | None = None,
     ):
-        self.compute_dtype, self.wire_dtype, self.timeout_s = compute_dtype, wire_dtype, timeout_s
+        """`device`: where the dense model is (the routers' answers are copied there)."""
+        self.device, self.compute_dtype, self.wire_dtype, self.timeout_s = device, compute_dtype, wire_dtype, timeout_s
         self.routers = [
             Peer(
                 StreamClient(a, lambda ch: router_pb2_grpc.RouterStub(ch).Forward, credentials),
@@ -78,7 +80,7 @@ class RouterClient:
 
         def output() -> torch.Tensor:
             for _, response, _ in call.answers():
-                return codec.from_pb(response.output, self.compute_dtype, field="output")
+                return codec.from_pb(response.output, self.compute_dtype, self.device, field="output")
             raise AssertionError("a call of one part ends with its answer")
 
         return output

@@ -40,33 +40,36 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
     """The engine over the dense model, with the experts behind the router or, without one, in-process, and
     the output rules of `controls` (default: those of `settings.input_filter`)."""
     controls = controls or load_controls(settings.input_filter)
+    device = settings.torch_device()
     ckpt = Checkpoint(settings.model)
     cfg = ckpt.config
-    dtype = settings.compute_dtype(cfg.checkpoint_dtype)
+    dtype = settings.compute_dtype(cfg.checkpoint_dtype, device)
     routed: RoutedExperts
     if settings.router:
         routers = settings.router.split(",")
         credentials = settings.tls().channel_credentials()
         RouterClient.wait_ready(routers, settings.router_timeout_s, credentials)
         routed = RouterClient(
-            routers, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s, settings.hedge_floor_s,
-            credentials,
+            routers, device, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s,
+            settings.hedge_floor_s, credentials,
         )  # fmt: skip
     else:
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-        routed = RoutedMoE(load_gates(ckpt, dtype), LocalExperts(load_experts(ckpt, pairs, dtype)), cfg.num_experts)
+        experts = LocalExperts(load_experts(ckpt, pairs, dtype, device))
+        routed = RoutedMoE(load_gates(ckpt, dtype, device), experts, cfg.num_experts)
     config = EngineConfig(
         settings.max_batch_seqs,
         settings.max_batch_tokens,
         settings.max_waiting,
         settings.max_decode_stall_ms / 1000,
-        settings.kv_cache_bytes or int(KV_SHARE_OF_FREE_MEMORY * hardware.available_memory_bytes()),
+        settings.kv_cache_bytes or int(KV_SHARE_OF_FREE_MEMORY * hardware.available_memory_bytes(device)),
         settings.micro_batches or (2 if settings.router else 1),  # in-process experts leave nothing to overlap
         settings.micro_batch_min_tokens,
     )
     text = TextCodec.from_dir(settings.model)
     eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids
-    engine = Engine(DenseModel.from_checkpoint(ckpt, dtype), routed, config, text, eos_ids, controls.output)
+    dense = DenseModel.from_checkpoint(ckpt, dtype, device)
+    engine = Engine(dense, routed, config, text, eos_ids, controls.output)
     return engine, ckpt
 
 

@@ -35,7 +35,10 @@ class RemoteExperts:
     def __call__(
         self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor, timeout_s: float | None
     ) -> torch.Tensor:
-        """`timeout_s`: what is left of the caller's deadline; the configured limit caps it."""
+        """`timeout_s`: what is left of the caller's deadline; the configured limit caps it. The rows go to host
+        memory once (one copy from a GPU, none on the CPU), are sent and answered there, and the outputs go
+        back to the rows' device once."""
+        device, rows = rows.device, rows.cpu()
         for g in groups:
             EXPERT_TOKENS.labels(layer=str(layer), expert=str(g.expert)).inc(g.num_tokens)
         starts = [0]
@@ -61,7 +64,7 @@ class RemoteExperts:
                 self._scatter(out, [(parts[i], i in fresh) for i in attempt.parts], answer)
         except DeadlineExceeded:
             raise DeadlineExceeded(f"layer {layer}: experts did not answer within {budget:g}s") from None
-        return out
+        return out.to(device, non_blocking=True)
 
     def _send(self, layer: int, replica: ExpertReplica, chosen: list[int], parts: list[Part], rows: torch.Tensor):
         groups = [parts[i][0] for i in chosen]

@@ -21,9 +21,10 @@ CONNECT_TIMEOUT_S = 5.0  # one attempt to reach a replica; a replica not up yet 
 
 def create_service(settings: RouterSettings) -> Service:
     tls = settings.tls()
+    device = settings.torch_device()
     ckpt = Checkpoint(settings.model)
     cfg = ckpt.config
-    dtype = settings.compute_dtype(cfg.checkpoint_dtype)
+    dtype = settings.compute_dtype(cfg.checkpoint_dtype, device)
     wire = settings.wire_torch_dtype(dtype)
     placement = Placement(
         cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, CONNECT_TIMEOUT_S, settings.hedge_floor_s,
@@ -34,10 +35,11 @@ def create_service(settings: RouterSettings) -> Service:
         Discovery(placement, tls.redis(settings.registry, socket_timeout=2), static).start()
     wait_for_coverage(placement, static, settings.start_timeout_s)
     executor = RemoteExperts(placement, dtype, wire, settings.call_timeout_s)
-    moe = RoutedMoE(load_gates(ckpt, dtype), executor, cfg.num_experts)
+    moe = RoutedMoE(load_gates(ckpt, dtype, device), executor, cfg.num_experts)
     credentials = tls.server_credentials(require_client_auth=True)
     service = Service("router", settings.host, settings.port, credentials=credentials)
-    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(moe, cfg.hidden_size, dtype, wire), service.server)
+    servicer = RouterServicer(moe, cfg.hidden_size, device, dtype, wire)
+    router_pb2_grpc.add_RouterServicer_to_server(servicer, service.server)
     return service
 
 

@@ -12,8 +12,16 @@ from moemesh.v1 import call_pb2, router_pb2, router_pb2_grpc
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, moe: RoutedMoE, hidden_size: int, compute_dtype: torch.dtype, wire_dtype: torch.dtype):
-        self.moe, self.hidden_size = moe, hidden_size
+    def __init__(
+        self,
+        moe: RoutedMoE,
+        hidden_size: int,
+        device: torch.device,
+        compute_dtype: torch.dtype,
+        wire_dtype: torch.dtype,
+    ):
+        """`device`: where the gates are (the hidden states are gated there)."""
+        self.moe, self.hidden_size, self.device = moe, hidden_size, device
         self.compute_dtype, self.wire_dtype = compute_dtype, wire_dtype
 
     @map_errors
@@ -23,7 +31,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def _forward(self, request: router_pb2.MoeRequest) -> router_pb2.MoeResponse:
         if request.layer not in self.moe.gates:
             raise InvalidArgument(f"layer: {request.layer} is not an MoE layer (have {sorted(self.moe.gates)})")
-        hidden = codec.from_pb(request.hidden, self.compute_dtype, field="hidden")
+        hidden = codec.from_pb(request.hidden, self.compute_dtype, self.device, field="hidden")
         if hidden.ndim != 2 or hidden.shape[1] != self.hidden_size:
             raise InvalidArgument(f"hidden: shape {list(hidden.shape)}, expected [tokens, {self.hidden_size}]")
         attributes = {"moemesh.layer": request.layer, "moemesh.tokens": hidden.shape[0]}

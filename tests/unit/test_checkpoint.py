@@ -47,7 +47,7 @@ def edit_config(model_dir: Path, **changes) -> None:
 
 def load_by_name(ckpt: Checkpoint, names: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Tensors keyed by their checkpoint names (the services key them by their own module paths)."""
-    return ckpt.load({name: (name, ()) for name in names}, dtype)
+    return ckpt.load({name: (name, ()) for name in names}, dtype, torch.device("cpu"))
 
 
 def test_loads_with_the_configured_shapes(base):
@@ -256,7 +256,7 @@ def test_config_defaults_and_rejections():
 def test_expert_shard_holds_only_its_experts(base):
     ckpt = Checkpoint(base)
     c = ckpt.config
-    shard = ExpertShard.load(ckpt, "1/2", torch.float32)
+    shard = ExpertShard.load(ckpt, "1/2", torch.float32, torch.device("cpu"))
     assert shard.layers == {0: [2, 3], 1: [2, 3]}
     assert set(shard.run.experts) == {(0, 2), (0, 3), (1, 2), (1, 3)}
     shard_bytes = sum(p.numel() * p.element_size() for m in shard.run.experts.values() for p in m.parameters())

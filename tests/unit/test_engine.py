@@ -145,11 +145,11 @@ def test_micro_batches_take_turns_at_every_moe_layer(model_dir):
             return lambda: events.append(("wait", layer, hidden.shape[0])) or output()
 
     ckpt = Checkpoint(model_dir)
-    dense = DenseModel.from_checkpoint(ckpt, torch.float32)
+    dense = DenseModel.from_checkpoint(ckpt, torch.float32, torch.device("cpu"))
     prompts = [[3, 4, 5], [6, 7]]
 
     def batch(prompt):
-        cache = KVCache(ckpt.config, torch.float32)
+        cache = KVCache(ckpt.config, torch.float32, torch.device("cpu"))
         n = len(prompt)
         return StepBatch(torch.tensor(prompt), torch.arange(n), [SequenceSlice(0, n, cache)], torch.tensor([n - 1]))
 
@@ -195,8 +195,9 @@ def test_chunked_prefill_matches_a_one_pass_reference(engine, model_dir):
     def in_process(ckpt):
         cfg = ckpt.config
         pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-        experts = LocalExperts(load_experts(ckpt, pairs, torch.float32))
-        return RoutedMoE(load_gates(ckpt, torch.float32), experts, cfg.num_experts)
+        cpu = torch.device("cpu")
+        experts = LocalExperts(load_experts(ckpt, pairs, torch.float32, cpu))
+        return RoutedMoE(load_gates(ckpt, torch.float32, cpu), experts, cfg.num_experts)
 
     rng = random.Random(1)
     for n in (1, 130):

@@ -10,6 +10,8 @@ from moemesh.settings import ExpertSettings
 
 pytestmark = pytest.mark.timeout(30)
 
+CPU = torch.device("cpu")
+
 
 @pytest.mark.parametrize(
     ("flags", "checkpoint", "expected"),
@@ -24,10 +26,10 @@ pytestmark = pytest.mark.timeout(30)
 )
 def test_auto_dtype_follows_the_cpus_native_bf16(monkeypatch, flags, checkpoint, expected):
     monkeypatch.setattr(hardware, "cpu_flags", lambda: frozenset(flags))
-    assert hardware.auto_compute_dtype(checkpoint) == expected
+    assert hardware.auto_compute_dtype(checkpoint, CPU) == expected
     settings = ExpertSettings(model="m")
-    assert settings.compute_dtype(checkpoint) == expected
-    assert ExpertSettings(model="m", dtype="bfloat16").compute_dtype(checkpoint) == torch.bfloat16
+    assert settings.compute_dtype(checkpoint, CPU) == expected
+    assert ExpertSettings(model="m", dtype="bfloat16").compute_dtype(checkpoint, CPU) == torch.bfloat16
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):
