@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     print()
     table(TARGET_HEADER, target_rows(reached), args.markdown)
     if args.plot and "fixed" in results:
-        title = f"bench.compare, fixed workload ({describe(fixed)}), {model.name}\n{cpu}"
+        title = f"bench.compare, fixed workload ({describe(fixed)}), {model.name}\n{cpu}; at the end, {load_average()}"
         print(f"\nplot: {plot(results['fixed'], args.plot, title)}")
     return 0
 

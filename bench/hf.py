@@ -10,6 +10,9 @@ and torch threads as the in-process moemesh side:
   batches of c, one after the other.
 - **transformers-serial**: one request at a time (batches of one), the way a naive server loops.
 
+A request's latencies count from when its client sent it (`run_batches`), so a request that waits for a
+batch, or for the requests before it, has that wait in its TTFT.
+
 Tokens are timed by a logits processor that `generate()` calls once per step, right after the forward pass
 that produced the step's logits: the step's token is known then, for every row of the batch at once.
 """
@@ -89,13 +92,27 @@ def generate_batch(model: torch.nn.Module, requests: Sequence[Request], first_in
     return useful_results(requests, first_index, out[:, ids.shape[1] :].tolist(), clock.times, t0)
 
 
+def waited(result: RequestResult, seconds: float) -> RequestResult:
+    """`result` timed from `seconds` before its batch started, when its client sent it."""
+    chunks = [(at + seconds, count) for at, count in result.chunks]
+    return RequestResult(result.index, result.token_ids, result.ttft_s + seconds, result.latency_s + seconds, chunks)
+
+
 def run_batches(model: torch.nn.Module, side: str, concurrency: int, requests: Sequence[Request],
                 batch_size: int) -> LevelResult:  # fmt: skip
-    """The requests in static batches of `batch_size`, one batch after the other."""
+    """The requests in static batches of `batch_size`, one batch after the other, as `concurrency` clients
+    in a closed loop send them: the first `concurrency` at once, then request i when request i -
+    `concurrency` has its last token. Latencies count from then, the wait for the batch included."""
     results: list[RequestResult] = []
+    finished: list[float] = []  # when each request got its last token
     t0 = time.perf_counter()
     for start in range(0, len(requests), batch_size):
-        results += generate_batch(model, requests[start : start + batch_size], start)
+        began = time.perf_counter()
+        for result in generate_batch(model, requests[start : start + batch_size], start):
+            i = result.index
+            sent = t0 if i < concurrency else finished[i - concurrency]
+            results.append(waited(result, began - sent))
+            finished.append(began + result.latency_s)
     level = LevelResult(side, concurrency, results, time.perf_counter() - t0)
     print(f"  {side:<12} {concurrency:>3} streams: {level.tokens} useful tokens in {level.wall_s:.2f} s = "
           f"{level.tokens_per_s:.1f} tok/s, mean TTFT {level.mean_ttft_ms:.1f} ms", flush=True)  # fmt: skip

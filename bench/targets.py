@@ -45,7 +45,7 @@ class Target:
 
     @property
     def label(self) -> str:
-        where = f"{self.workload}, {self.streams} streams" if self.streams else self.workload
+        where = f"{self.workload}, {self.streams} stream{'s' * (self.streams > 1)}" if self.streams else self.workload
         return f"{where}: {self.ratio}"
 
     def row(self, reached: Reached) -> list[str]:
@@ -55,7 +55,7 @@ class Target:
         if value is None:
             return [self.label, limit, "-", "not run"]
         met = value <= self.limit if self.at_most else value >= self.limit
-        return [self.label, limit, f"{value:.2f}", "met" if met else "NOT MET"]
+        return [self.label, limit, f"{value:.2f}", "met" if met else "not met"]
 
 
 TARGETS = (

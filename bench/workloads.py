@@ -62,7 +62,8 @@ def describe(requests: list[Request]) -> str:
     """'N requests, prompts of a-b tokens (mean m), a-b new tokens (mean m)', for a bench's header."""
 
     def span(values: list[int]) -> str:
-        return f"{min(values)}-{max(values)} (mean {sum(values) / len(values):.0f})"
+        low, high = min(values), max(values)
+        return str(low) if low == high else f"{low}-{high} (mean {sum(values) / len(values):.0f})"
 
     prompts, outputs = [len(r.prompt) for r in requests], [r.max_new for r in requests]
     return f"{len(requests)} requests, prompts of {span(prompts)} tokens, {span(outputs)} new tokens"
