@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         compute_s = 2 * counts.active / (peak[dtype] * 1e9)
         floors.append([str(dtype).removeprefix("torch."), f"{counts.total * dtype.itemsize / 1e6:.0f}",
                        f"{1000 * step_s:.2f}", f"{1 / step_s:.0f}", f"{1 / compute_s:.0f}"])  # fmt: skip
-    print(f"\nfloors for {model.name}: {counts.total / 1e6:.1f} M parameters, {counts.active / 1e6:.1f} M active "
-          "per token")  # fmt: skip
+    print(f"\nfloors for {model.name}: {counts.total / 1e6:.1f} M parameters besides an untied embedding table "
+          f"(read a row per token), {counts.active / 1e6:.1f} M active per token")  # fmt: skip
     table(["weights", "MB in all", "one-stream step floor ms", "one-stream tok/s ceiling",
            "batched tok/s ceiling (compute)"], floors, args.markdown)  # fmt: skip
     return 0
