@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     table(["tokens", "rows", "groups", "ms", "TFLOP/s", "of peak"], expert_rows(device, peak), args.markdown)
 
     from bench.throughput import run_in_process
+    from bench.workloads import fixed_requests
     from moemesh import demo_model
     from moemesh.families import load_config
 
@@ -124,9 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         f"greedy, {args.max_new_tokens} new tokens, {2 * max(levels)} requests per level",
         flush=True,
     )
-    results, _ = run_in_process(
-        model, levels, 2 * max(levels), cfg.vocab_size, args.max_new_tokens, profile=False, device="cuda"
-    )
+    requests = fixed_requests(2 * max(levels), cfg.vocab_size, args.max_new_tokens)
+    results, _ = run_in_process(model, levels, requests, cfg.vocab_size, profile=False, device="cuda")
     rows = [
         [str(r.concurrency), str(r.tokens), f"{r.wall_s:.2f}", f"{r.tokens_per_s:.1f}", f"{r.mean_ttft_ms:.1f}",
          f"{r.mean_step_ms:.2f}" if r.mean_step_ms is not None else "-"]

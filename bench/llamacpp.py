@@ -34,11 +34,12 @@ import tarfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from bench.common import ServiceProcess
-from bench.throughput import REQUEST_TIMEOUT_S, WARMUP_INDEX, LevelResult, RequestResult, collect, prompt, run_level
+from bench.throughput import REQUEST_TIMEOUT_S, Client, LevelResult, RequestResult, collect, run_level
+from bench.workloads import WARMUP_INDEX, Request, warmup_request
 from moemesh.hardware import cpu_flags
 
 VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp is built
@@ -193,18 +194,19 @@ def stream_token_ids(lines: Iterable[bytes]) -> Iterator[list[int]]:
             return
 
 
-def slot_context(vocab_size: int, num_requests: int, max_new: int) -> int:
-    """Context tokens one slot needs: the longest prompt plus the generated tokens, rounded up to 256."""
-    longest = max(len(prompt(i, vocab_size)) for i in [WARMUP_INDEX, *range(num_requests)])
-    return -(-(longest + max_new) // 256) * 256
+def slot_context(requests: Sequence[Request]) -> int:
+    """Context tokens one slot needs: the longest prompt plus its generated tokens, rounded up to 256."""
+    longest = max(len(r.prompt) + r.max_new for r in requests)
+    return -(-longest // 256) * 256
 
 
-def completion_client(url: str, max_new: int) -> Callable[[int, list[int]], RequestResult]:
-    """One streamed, greedy `/completion` of exactly `max_new` tokens per call, timed as the moemesh sides."""
+def completion_client(url: str) -> Client:
+    """One streamed, greedy `/completion` of exactly the request's `max_new` tokens per call, timed as the
+    moemesh sides."""
 
-    def one(index: int, ids: list[int]) -> RequestResult:
+    def one(index: int, request: Request) -> RequestResult:
         body = {
-            "prompt": ids, "n_predict": max_new, "temperature": 0.0, "ignore_eos": True,
+            "prompt": request.prompt, "n_predict": request.max_new, "temperature": 0.0, "ignore_eos": True,
             "cache_prompt": False, "stream": True, "return_tokens": True,
         }  # fmt: skip
         request = urllib.request.Request(
@@ -238,19 +240,20 @@ def start_server(binary: Path, gguf: Path, slots: int, ctx_per_slot: int, thread
             time.sleep(0.2)
 
 
-def run_llamacpp(binary: Path, gguf: Path, levels: list[int], num_requests: int, vocab_size: int,
-                 max_new: int) -> list[LevelResult]:  # fmt: skip
-    """The workload of `bench.throughput` against a fresh `llama-server --parallel c` for each concurrency c
-    (slots = client streams, as moemesh batches up to its stream count), with one warm-up request each."""
+def run_llamacpp(binary: Path, gguf: Path, levels: list[int], requests: Sequence[Request],
+                 vocab_size: int) -> list[LevelResult]:  # fmt: skip
+    """The requests against a fresh `llama-server --parallel c` for each concurrency c (slots = client
+    streams, as moemesh batches up to its stream count), with one warm-up request each."""
     threads = os.cpu_count() or 1
-    ctx = slot_context(vocab_size, num_requests, max_new)
+    warmup = warmup_request(vocab_size)
+    ctx = slot_context([warmup, *requests])
     results = []
     for concurrency in levels:
         server, url = start_server(binary, gguf, concurrency, ctx, threads)
         try:
-            one = completion_client(url, max_new)
-            one(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
-            results.append(run_level(SIDE, concurrency, num_requests, vocab_size, one, lambda: (0.0, 0.0)))
+            one = completion_client(url)
+            one(WARMUP_INDEX, warmup)
+            results.append(run_level(SIDE, concurrency, requests, one, lambda: (0.0, 0.0)))
         finally:
             print(f"  {server.stop_line()}", flush=True)
     return results

@@ -30,26 +30,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import ServiceProcess, command_line, load_average, table
+from bench.common import ServiceProcess, command_line, inter_token_gaps, load_average, table
+from bench.workloads import WARMUP_INDEX, Request, describe, fixed_requests, warmup_request
 
-PROMPT_LENGTHS = (16, 96, 8, 200, 48, 128, 24, 64)  # request i gets PROMPT_LENGTHS[i % 8] tokens
-PROMPT_SEED = 20240601
-FIRST_TOKEN_ID = 1000  # prompts avoid the low ids (special tokens of the DeepSeek vocabulary)
-WARMUP_INDEX = -1
 ARRIVAL_SEED = 7  # the open loop's arrival times
 REQUEST_TIMEOUT_S = 900
 STEP_METRIC = "moemesh_gateway_step_seconds"
 
 
 # ---------------------------------------------------------------------------------------------------
-# Workload and results
-
-
-def prompt(index: int, vocab_size: int) -> list[int]:
-    """The fixed prompt of request `index` (the warm-up is index -1): same ids on every run and side."""
-    rng = random.Random(PROMPT_SEED * 1_000_003 + index)
-    length = 32 if index == WARMUP_INDEX else PROMPT_LENGTHS[index % len(PROMPT_LENGTHS)]
-    return [rng.randrange(FIRST_TOKEN_ID, vocab_size) for _ in range(length)]
+# Results
 
 
 @dataclass
@@ -88,6 +78,14 @@ class LevelResult:
         return 1000 * self.step_s / self.steps if self.steps else None
 
 
+def latencies(level: LevelResult) -> dict[str, list[float]]:
+    """Seconds to the first token ("TTFT") and between tokens ("inter-token") over the level's requests."""
+    return {
+        "TTFT": [r.ttft_s for r in level.results if r.ttft_s is not None],
+        "inter-token": [gap for r in level.results for gap in inter_token_gaps(r.chunks)],
+    }
+
+
 def collect(index: int, t0: float, messages: Iterable[Sequence[int]]) -> RequestResult:
     """Drains request `index`'s stream of token-id messages, timing each from `t0` (when it was sent): the
     same measurement for every side, whatever its transport."""
@@ -101,23 +99,22 @@ def collect(index: int, t0: float, messages: Iterable[Sequence[int]]) -> Request
 
 
 StepStats = Callable[[], tuple[float, float]]  # -> (count, sum) of the step-seconds histogram
+Client = Callable[[int, Request], RequestResult]  # sends request number `index`, drains its stream
 
 
-def run_level(side: str, concurrency: int, num_requests: int, vocab_size: int,
-              one: Callable[[int, list[int]], RequestResult], step_stats: StepStats,
+def run_level(side: str, concurrency: int, requests: Sequence[Request], one: Client, step_stats: StepStats,
               arrival_rate: float = 0.0) -> LevelResult:  # fmt: skip
-    """`num_requests` requests, `concurrency` at a time: each client thread takes the next one when done; or,
-    with `arrival_rate` (requests/s), arriving as a Poisson process whatever is still running (`open_loop`)."""
+    """The requests, `concurrency` at a time: each client thread takes the next one when done; or, with
+    `arrival_rate` (requests/s), arriving as a Poisson process whatever is still running (`open_loop`)."""
     if arrival_rate:
         steps0, step_s0 = step_stats()
-        results, wall = open_loop(num_requests, vocab_size, one, arrival_rate)
+        results, wall = open_loop(requests, one, arrival_rate)
         steps1, step_s1 = step_stats()
         level = LevelResult(side, 0, results, wall, steps1 - steps0, step_s1 - step_s0)
         print(f"  {side:<12} open loop at {arrival_rate:.2f} requests/s: {level.tokens} tokens in {wall:.2f} s = "
               f"{level.tokens_per_s:.1f} tok/s, mean TTFT {level.mean_ttft_ms:.1f} ms", flush=True)  # fmt: skip
         return level
-    prompts = [prompt(i, vocab_size) for i in range(num_requests)]
-    next_index = iter(range(num_requests))
+    next_index = iter(range(len(requests)))
     lock = threading.Lock()
     start = threading.Barrier(concurrency + 1)
 
@@ -129,7 +126,7 @@ def run_level(side: str, concurrency: int, num_requests: int, vocab_size: int,
                 index = next(next_index, None)
             if index is None:
                 return done
-            done.append(one(index, prompts[index]))
+            done.append(one(index, requests[index]))
 
     with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=f"client-{side}") as pool:
         futures = [pool.submit(client) for _ in range(concurrency)]
@@ -150,19 +147,18 @@ def run_level(side: str, concurrency: int, num_requests: int, vocab_size: int,
     return level
 
 
-def open_loop(num_requests: int, vocab_size: int, one: Callable[[int, list[int]], RequestResult],
-              rate: float) -> tuple[list[RequestResult], float]:  # fmt: skip
+def open_loop(requests: Sequence[Request], one: Client, rate: float) -> tuple[list[RequestResult], float]:
     """Requests sent as they arrive, at exponential gaps of mean 1/`rate` seconds (a seeded Poisson process),
     each on its own thread however many are still running: independent clients, not a fixed pool that
     waits for the server (a closed loop hides queueing, since a slow server slows its own arrivals)."""
     gaps = random.Random(ARRIVAL_SEED)
-    with ThreadPoolExecutor(max_workers=num_requests, thread_name_prefix="arrival") as pool:
+    with ThreadPoolExecutor(max_workers=len(requests), thread_name_prefix="arrival") as pool:
         t0 = due = time.perf_counter()
         futures = []
-        for i in range(num_requests):
+        for i, request in enumerate(requests):
             due += gaps.expovariate(rate)
             time.sleep(max(0.0, due - time.perf_counter()))
-            futures.append(pool.submit(one, i, prompt(i, vocab_size)))
+            futures.append(pool.submit(one, i, request))
         results = [f.result() for f in futures]
     return results, time.perf_counter() - t0
 
@@ -208,13 +204,13 @@ class Profile:
         )
 
 
-def profile_engine(label: str, engine, concurrency: int, num_requests: int, vocab_size: int, max_new: int) -> Profile:
+def profile_engine(label: str, engine, concurrency: int, requests: Sequence[Request]) -> Profile:
     from prometheus_client import REGISTRY
 
     timed = TimedRouted(engine.routed)
     engine.routed = timed
     stats = lambda: _registry_step_stats(REGISTRY)  # noqa: E731
-    level = run_level("profile", concurrency, num_requests, vocab_size, _engine_client(engine, max_new), stats)
+    level = run_level("profile", concurrency, requests, _engine_client(engine), stats)
     engine.routed = timed.routed
     return Profile(label, level.steps, level.step_s, timed.seconds, timed.calls)
 
@@ -230,20 +226,19 @@ def _registry_step_stats(registry) -> tuple[float, float]:
     )
 
 
-def _engine_client(engine, max_new: int) -> Callable[[int, list[int]], RequestResult]:
+def _engine_client(engine) -> Client:
     from services.gateway.requests import GenerationRequest, SamplingConfig
 
-    sampling = SamplingConfig(max_new_tokens=max_new, temperature=0.0)
-
-    def one(index: int, ids: list[int]) -> RequestResult:
+    def one(index: int, request: Request) -> RequestResult:
+        sampling = SamplingConfig(max_new_tokens=request.max_new, temperature=0.0)
         t0 = time.perf_counter()
-        seq = engine.submit(GenerationRequest(list(ids), sampling))
+        seq = engine.submit(GenerationRequest(list(request.prompt), sampling))
         return collect(index, t0, (out.token_ids for out in seq.outputs()))
 
     return one
 
 
-def run_in_process(model: Path, levels: list[int], num_requests: int, vocab_size: int, max_new: int,
+def run_in_process(model: Path, levels: list[int], requests: Sequence[Request], vocab_size: int,
                    profile: bool, device: str = "auto") -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
     from prometheus_client import REGISTRY
 
@@ -253,13 +248,13 @@ def run_in_process(model: Path, levels: list[int], num_requests: int, vocab_size
     engine, _ = build_engine(GatewaySettings(model=model, device=device))
     engine.start()
     try:
-        one = _engine_client(engine, max_new)
-        one(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
+        one = _engine_client(engine)
+        one(WARMUP_INDEX, warmup_request(vocab_size))
         stats = lambda: _registry_step_stats(REGISTRY)  # noqa: E731
-        results = [run_level("in-process", c, num_requests, vocab_size, one, stats) for c in levels]
+        results = [run_level("in-process", c, requests, one, stats) for c in levels]
         prof = None
         if profile:
-            prof = profile_engine("in-process engine", engine, max(levels), num_requests, vocab_size, max_new)
+            prof = profile_engine("in-process engine", engine, max(levels), requests)
         return results, prof
     finally:
         engine.stop()
@@ -291,7 +286,7 @@ def _scrape_step_stats(address: str) -> tuple[float, float]:
     return values[0], values[1]
 
 
-def run_distributed(model: Path, experts: int, levels: list[int], num_requests: int, vocab_size: int, max_new: int,
+def run_distributed(model: Path, experts: int, levels: list[int], requests: Sequence[Request], vocab_size: int,
                     profile: bool, service_threads: int, extra_env: dict[str, str] | None = None,
                     side: str = "distributed",
                     arrival_rate: float = 0.0) -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
@@ -308,21 +303,19 @@ def run_distributed(model: Path, experts: int, levels: list[int], num_requests: 
         print(f"  cluster up: gateway {address}, router {router}, {experts} expert shards", flush=True)
         channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        sampling = gateway_pb2.SamplingParams(max_new_tokens=max_new, temperature=0.0)
 
-        def one(index: int, ids: list[int]) -> RequestResult:
-            request = gateway_pb2.GenerateRequest(prompt_token_ids=ids, sampling=sampling)
+        def one(index: int, request: Request) -> RequestResult:
+            sampling = gateway_pb2.SamplingParams(max_new_tokens=request.max_new, temperature=0.0)
+            call = gateway_pb2.GenerateRequest(prompt_token_ids=request.prompt, sampling=sampling)
             t0 = time.perf_counter()
-            return collect(
-                index, t0, (msg.token_ids for msg in stub.GenerateStream(request, timeout=REQUEST_TIMEOUT_S))
-            )
+            return collect(index, t0, (msg.token_ids for msg in stub.GenerateStream(call, timeout=REQUEST_TIMEOUT_S)))
 
-        one(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
+        one(WARMUP_INDEX, warmup_request(vocab_size))
         stats = lambda: _scrape_step_stats(metrics)  # noqa: E731
         results = []
         for concurrency in levels:
             cpu_before = up.cpu_seconds()
-            results.append(run_level(side, concurrency, num_requests, vocab_size, one, stats, arrival_rate))
+            results.append(run_level(side, concurrency, requests, one, stats, arrival_rate))
             results[-1].cpu_s = up.cpu_seconds() - cpu_before
         channel.close()
         prof = None
@@ -337,9 +330,9 @@ def run_distributed(model: Path, experts: int, levels: list[int], num_requests: 
             torch.set_num_threads(service_threads or threads)  # as the gateway service would run it
             engine.start()
             try:
-                _engine_client(engine, max_new)(WARMUP_INDEX, prompt(WARMUP_INDEX, vocab_size))
+                _engine_client(engine)(WARMUP_INDEX, warmup_request(vocab_size))
                 label = "engine over the cluster's router (gRPC)"
-                prof = profile_engine(label, engine, max(levels), num_requests, vocab_size, max_new)
+                prof = profile_engine(label, engine, max(levels), requests)
             finally:
                 engine.stop()
                 for client in engine.routed.clients:
@@ -430,27 +423,25 @@ def main(argv: list[str] | None = None) -> int:
 
     model = (args.model or demo_model.ensure()).resolve()
     cfg = load_config(model)
-    lengths = [len(prompt(i, cfg.vocab_size)) for i in range(num_requests)]
+    requests = fixed_requests(num_requests, cfg.vocab_size, args.max_new_tokens)
     print(
         f"model: {model} ({cfg.model_type}, {cfg.checkpoint_dtype}, vocab {cfg.vocab_size}, hidden {cfg.hidden_size}, "
         f"{cfg.num_layers} layers, {cfg.num_experts} experts top-{cfg.experts_per_token})\n"
-        f"workload: {num_requests} requests per level, prompts of {min(lengths)}-{max(lengths)} tokens "
-        f"(mean {sum(lengths) / len(lengths):.0f}), greedy, {args.max_new_tokens} new tokens each; "
+        f"workload: {describe(requests)} per level, greedy; "
         f"concurrency {','.join(map(str, levels))}; warm-up: 1 request per side\n"
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads; "
         f"{load_average()}",
         flush=True,
     )
     print(f"in-process (experts in the engine's process, no gRPC); {load_average()}", flush=True)
-    inproc, prof_in = run_in_process(model, levels, num_requests, cfg.vocab_size, args.max_new_tokens, args.profile)
+    inproc, prof_in = run_in_process(model, levels, requests, cfg.vocab_size, args.profile)
     threads = f"up --threads {args.service_threads}" if args.service_threads else "up's default threads"
     print(
         f"distributed (moemesh up --experts {args.experts}, {threads}, GenerateStream over gRPC); {load_average()}",
         flush=True,
     )
     dist, prof_dist = run_distributed(
-        model, args.experts, levels, num_requests, cfg.vocab_size, args.max_new_tokens, args.profile,
-        args.service_threads,
+        model, args.experts, levels, requests, cfg.vocab_size, args.profile, args.service_threads,
     )  # fmt: skip
     print(f"done; {load_average()}")
     report(inproc, dist, args.markdown)

@@ -23,6 +23,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 from bench.common import command_line, load_average, table
 from bench.throughput import run_distributed
+from bench.workloads import fixed_requests
 
 
 class Sink(trace_service_pb2_grpc.TraceServiceServicer):
@@ -62,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     model = (Path(args.model) if args.model else demo_model.ensure()).resolve()
     vocab = load_config(model).vocab_size
+    requests = fixed_requests(args.requests, vocab, args.max_new_tokens)
     sink = Sink()
     sides = {
         "off": {"OTEL_TRACES_EXPORTER": "none"},
@@ -79,8 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.rounds):
         for side in ("off", "on") if i % 2 == 0 else ("on", "off"):
             [level], _ = run_distributed(
-                model, args.experts, [args.concurrency], args.requests, vocab, args.max_new_tokens, False, 0,
-                sides[side], f"tracing {side}",
+                model, args.experts, [args.concurrency], requests, vocab, False, 0, sides[side], f"tracing {side}",
             )  # fmt: skip
             runs[side].append(level.tokens_per_s)
             cpu[side].append(level.cpu_s / level.tokens * 1000)

@@ -9,7 +9,8 @@ import pytest
 
 from bench.common import inter_token_gaps, percentile
 from bench.llamacpp import HELD_BACK, gguf_outtype, slot_context, stream_token_ids
-from bench.throughput import PROMPT_LENGTHS, RequestResult, collect, open_loop
+from bench.throughput import RequestResult, collect, open_loop
+from bench.workloads import PROMPT_LENGTHS, Request, fixed_requests, warmup_request
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -81,21 +82,22 @@ def test_gguf_outtype_keeps_the_checkpoint_bytes_where_the_cpu_can():
 
 
 def test_slot_context_fits_the_longest_prompt_and_the_new_tokens():
-    ctx = slot_context(vocab_size=5000, num_requests=len(PROMPT_LENGTHS), max_new=64)
+    ctx = slot_context(fixed_requests(len(PROMPT_LENGTHS), 5000, 64))
     assert ctx % 256 == 0 and ctx >= max(PROMPT_LENGTHS) + 64
-    assert slot_context(vocab_size=5000, num_requests=1, max_new=64) == 256  # 16-token prompt, 32-token warm-up
+    assert slot_context([warmup_request(5000), *fixed_requests(1, 5000, 64)]) == 256  # 16 + 64 tokens at most
+    assert slot_context([Request([1] * 200, 57)]) == 512
 
 
 def test_open_loop_sends_each_request_when_it_arrives_whatever_is_running():
     sent: list[float] = []
     t0 = time.perf_counter()
 
-    def slow(index: int, ids: list[int]) -> RequestResult:
+    def slow(index: int, request: Request) -> RequestResult:
         sent.append(time.perf_counter() - t0)
         time.sleep(0.2)  # far longer than the mean gap: a closed loop of one would fall behind
-        return RequestResult(index, ids[:1], 0.2, 0.2)
+        return RequestResult(index, request.prompt[:1], 0.2, 0.2)
 
-    results, wall = open_loop(20, 5000, slow, rate=200.0)
+    results, wall = open_loop(fixed_requests(20, 5000, 4), slow, rate=200.0)
     assert [r.index for r in results] == list(range(20))
     assert sent == sorted(sent) and sent[-1] < 0.5  # 20 arrivals at 200/s: about 0.1 s, not 20 x 0.2 s
     assert 0.2 <= wall < 1.0
