@@ -50,7 +50,7 @@ def load(model_dir: Path) -> torch.nn.Module:
     from moemesh.families import load_config
     from moemesh.hardware import auto_compute_dtype
 
-    dtype = auto_compute_dtype(load_config(model_dir).checkpoint_dtype)
+    dtype = auto_compute_dtype(load_config(model_dir).checkpoint_dtype, torch.device("cpu"))
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
 
 
