@@ -54,6 +54,7 @@ class Service:
     name: str
     argv: list[str]
     redis_url: str | None = None  # a redis-server, which prints no ready line: ready once it answers PING
+    env: dict[str, str] = field(default_factory=dict)  # defaults the environment of `up` overrides
 
 
 @dataclass
@@ -113,12 +114,20 @@ def _free_port(host: str) -> int:
         return s.getsockname()[1]
 
 
-def _service(name: str, role: str, flags: dict[str, object]) -> Service:
+# The gateway's threads run a step's many small ops back to back: a thread that sleeps as soon as one
+# ends (OMP_WAIT_POLICY=PASSIVE) is woken for the next at a cost (a demo-model decode step in one process:
+# 14.2 ms against 8.6 ms spinning). A short spin (libgomp's count; torch's CPU wheels use libgomp) keeps
+# them awake between ops but not through the waits for the experts: under `up`, 44 against 34-39 tok/s at
+# 1 stream, 194-214 against 184-191 at 8, where a spin of 100,000 was slower than none (docs/benchmarks.md).
+GATEWAY_ENV = {"GOMP_SPINCOUNT": "20000"}
+
+
+def _service(name: str, role: str, flags: dict[str, object], env: dict[str, str] | None = None) -> Service:
     argv = [sys.executable, "-m", "moemesh.cli", role]
     for flag, value in flags.items():
         if value is not None:
             argv += [f"--{flag}", str(value)]
-    return Service(name, argv)
+    return Service(name, argv, env=env or {})
 
 
 def _redis_service(host: str, data_dir: Path, tls: Tls) -> Service:
@@ -146,7 +155,7 @@ class Cluster:
     def spawn(self, service: Service) -> Child:
         # Services take turns on the same cores (the gateway waits while the experts compute): OpenMP
         # threads that spin while idle would steal the cores the other services need.
-        env = {"OMP_WAIT_POLICY": "PASSIVE"} | dict(os.environ)
+        env = {"OMP_WAIT_POLICY": "PASSIVE"} | service.env | dict(os.environ)
         with self._lock:
             if self.stopping.is_set():
                 raise Stopping
@@ -290,7 +299,7 @@ def _start(cluster: Cluster, spec: ClusterSpec, redis_dir: Path) -> tuple[Child,
     router_addresses = ",".join(child.address for child in _start_group(cluster, routers))
     gateway_flags = {"router": router_addresses, "redis": redis_url, "port": spec.port, "metrics-port": 0,
                      "threads": spec.gateway_threads()}  # fmt: skip
-    gateway = cluster.start(_service("gateway", "gateway", common | gateway_flags))
+    gateway = cluster.start(_service("gateway", "gateway", common | gateway_flags, GATEWAY_ENV))
     return gateway, supervised + experts + routers
 
 
