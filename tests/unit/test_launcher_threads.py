@@ -1,4 +1,4 @@
-"""`moemesh up`'s torch threads per service: every core for the gateway, the cores shared out among shards."""
+"""`moemesh up`'s torch threads and OpenMP settings per service."""
 
 from pathlib import Path
 
@@ -21,3 +21,10 @@ def test_threads_flag_sets_every_service(monkeypatch):
     monkeypatch.setattr(hardware, "available_cores", lambda: 8)
     spec = ClusterSpec(model=Path("m"), experts=2, threads=3)
     assert (spec.gateway_threads(), spec.service_threads()) == (3, 3)
+
+
+def test_benches_run_openmp_as_up_runs_its_gateway():
+    import bench
+    from moemesh.launcher import GATEWAY_ENV
+
+    assert GATEWAY_ENV.items() <= bench.OPENMP_ENV.items()
