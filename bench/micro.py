@@ -5,7 +5,9 @@
 - SwiGLU MLP: the fused gate+up projection against separate gate and up matmuls, fp32 and bf16, at
   1, 4 and 32 rows (one routed expert's shape of the demo model: hidden 256, intermediate 512);
 - LM head: `F.linear` with the weight as checkpoints store it ([vocab, hidden], row-major) against the
-  same values over a [hidden, vocab] buffer, as `DenseModel` keeps it (the demo model's 129,280 x 256).
+  same values over a [hidden, vocab] buffer, as `DenseModel` keeps it (the demo model's 129,280 x 256);
+- attention: bf16 queries, keys and values attended in bf16 against upcast to fp32 (what `attend` does on
+  the CPU for one query), for decode (1 query) and prefill shapes of the demo and benchmark models.
 
     .venv/bin/python -m bench.micro [--markdown]
 """
@@ -99,6 +101,29 @@ def lm_head_layout(markdown: bool) -> None:
     table(["dtype", "rows", "[vocab, hidden] ms", "[hidden, vocab] buffer ms", "ratio"], rows, markdown)
 
 
+def _attention_in(dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
+    """q [n, H, D], k and v [L, K, D], attended in `dtype`; the output back in q's dtype."""
+    q_, k_, v_ = (t.to(dtype).transpose(0, 1)[None] for t in (q, k, v))
+    return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=mask, scale=0.125, enable_gqa=True).to(q.dtype)
+
+
+def attention_dtype(markdown: bool) -> None:
+    """bf16 attention against the same inputs upcast to fp32 (`moemesh.model.attend` does so for one query)."""
+    rows = []
+    for heads, kv_heads, head_dim in ((8, 2, 32), (16, 4, 64)):  # the demo model's, the benchmark model's
+        for n, length in ((1, 200), (1, 2000), (128, 128), (512, 512)):
+            q = torch.randn(n, heads, head_dim, dtype=torch.bfloat16)
+            k, v = (torch.randn(length, kv_heads, head_dim, dtype=torch.bfloat16) for _ in range(2))
+
+            mask = None if n == 1 else torch.ones(n, length, dtype=torch.bool).tril(length - n)
+            with torch.inference_mode():
+                a = _median_us(partial(_attention_in, torch.bfloat16, q, k, v, mask), 200) / 1000
+                b = _median_us(partial(_attention_in, torch.float32, q, k, v, mask), 200) / 1000
+            shape = f"{heads}/{kv_heads}x{head_dim}"
+            rows.append([shape, str(n), str(length), f"{a:.3f}", f"{b:.3f}", f"{b / a:.2f}"])
+    table(["heads/kv x dim", "queries", "keys", "bf16 ms", "upcast to fp32 ms", "ratio"], rows, markdown)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.micro", description=__doc__.split("\n\n")[0])
     parser.add_argument("--markdown", action="store_true")
@@ -110,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     fused_mlp(args.markdown)
     print()
     lm_head_layout(args.markdown)
+    print()
+    attention_dtype(args.markdown)
     return 0
 
 
