@@ -230,7 +230,7 @@ def _engine_client(engine) -> Client:
     from services.gateway.requests import GenerationRequest, SamplingConfig
 
     def one(index: int, request: Request) -> RequestResult:
-        sampling = SamplingConfig(max_new_tokens=request.max_new, temperature=0.0)
+        sampling = SamplingConfig(max_new_tokens=request.max_new, temperature=0.0, ignore_eos=True)
         t0 = time.perf_counter()
         seq = engine.submit(GenerationRequest(list(request.prompt), sampling))
         return collect(index, t0, (out.token_ids for out in seq.outputs()))
@@ -305,7 +305,7 @@ def run_distributed(model: Path, experts: int, levels: list[int], requests: Sequ
         stub = gateway_pb2_grpc.GatewayStub(channel)
 
         def one(index: int, request: Request) -> RequestResult:
-            sampling = gateway_pb2.SamplingParams(max_new_tokens=request.max_new, temperature=0.0)
+            sampling = gateway_pb2.SamplingParams(max_new_tokens=request.max_new, temperature=0.0, ignore_eos=True)
             call = gateway_pb2.GenerateRequest(prompt_token_ids=request.prompt, sampling=sampling)
             t0 = time.perf_counter()
             return collect(index, t0, (msg.token_ids for msg in stub.GenerateStream(call, timeout=REQUEST_TIMEOUT_S)))

@@ -10,7 +10,7 @@ class ClientBase:
     """`address`: the gateway's host:port. `timeout_s`: each call's deadline, retries included (None: none),
     unless the call names its own. `retry`: see `RetryPolicy` (`NO_RETRY` to see every error at once). The
     TLS files and `api_key`: see `Connection`. Sampling keywords of the calls are the fields of `Sampling`
-    (max_new_tokens, temperature, top_p, top_k, seed, stop, return_logprobs)."""
+    (max_new_tokens, temperature, top_p, top_k, seed, stop, return_logprobs, ignore_eos)."""
 
     def __init__(
         self,

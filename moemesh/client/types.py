@@ -115,6 +115,7 @@ class Sampling:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     return_logprobs: bool = False
+    ignore_eos: bool = False
 
     def to_pb(self) -> gateway_pb2.SamplingParams:
         optional = {
@@ -122,7 +123,9 @@ class Sampling:
             for name in ("max_new_tokens", "temperature", "top_p", "top_k", "seed")
             if getattr(self, name) is not None
         }
-        return gateway_pb2.SamplingParams(**optional, stop=list(self.stop), return_logprobs=self.return_logprobs)
+        return gateway_pb2.SamplingParams(
+            **optional, stop=list(self.stop), return_logprobs=self.return_logprobs, ignore_eos=self.ignore_eos
+        )
 
 
 def generate_request(prompt: str | list[int], sampling: Sampling | None, priority: int) -> gateway_pb2.GenerateRequest:

@@ -398,7 +398,7 @@ class Engine:
         if seq.trace is not None:
             seq.trace.sampled(len(seq.output_ids))
         out = StepOutput()
-        if token in self.eos_ids:
+        if token in self.eos_ids and not seq.sampling.ignore_eos:
             out.text, filtered = seq.text.flush(eos=token)
             out.finish_reason = filtered or "eos"
         else:

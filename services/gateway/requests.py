@@ -39,6 +39,7 @@ class SamplingConfig:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     return_logprobs: bool = False
+    ignore_eos: bool = False
 
     @property
     def greedy(self) -> bool:
@@ -189,4 +190,5 @@ def _sampling_from_pb(
         seed=msg.seed if msg.HasField("seed") else None,
         stop=stop,
         return_logprobs=msg.return_logprobs,
+        ignore_eos=msg.ignore_eos,
     )

@@ -305,11 +305,12 @@ def test_queue_full_then_cancel_waiting(model_dir):
         engine.stop()
 
 
-def test_eos_finishes_after_one_token(model_dir, tmp_path):
+def test_eos_finishes_after_one_token_unless_ignored(model_dir, tmp_path):
     prompt = [10, 20, 30, 40]
     reference = start(model_dir)
     try:
-        first = generate(reference, prompt, max_new_tokens=4).token_ids[0]
+        expected = generate(reference, prompt, max_new_tokens=6).token_ids
+        first = expected[0]
     finally:
         reference.stop()
     eos_dir = Path(shutil.copytree(model_dir, tmp_path / "eos-model"))
@@ -322,6 +323,8 @@ def test_eos_finishes_after_one_token(model_dir, tmp_path):
         assert out.finish_reason == "eos"
         assert out.token_ids == [first]
         assert (out.prompt_tokens, out.completion_tokens) == (4, 1)
+        past_eos = generate(engine, prompt, max_new_tokens=6, ignore_eos=True)
+        assert (past_eos.finish_reason, past_eos.token_ids) == ("length", expected)
     finally:
         engine.stop()
 

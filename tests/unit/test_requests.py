@@ -42,18 +42,17 @@ def test_unset_fields_take_the_defaults():
     assert req.sampling == SamplingConfig(max_new_tokens=16)  # the server's default
     s = req.sampling
     assert (s.temperature, s.top_p, s.top_k, s.seed, s.stop, s.return_logprobs) == (0.0, 1.0, 0, None, (), False)
-    assert s.greedy
+    assert s.greedy and not s.ignore_eos
 
 
 def test_explicit_values_are_kept():
-    s = from_pb(
-        ids_request(max_new_tokens=7, temperature=0.5, top_p=0.9, top_k=40, seed=0, return_logprobs=True), None, LIMITS
-    ).sampling
+    explicit = {"temperature": 0.5, "top_p": 0.9, "top_k": 40, "seed": 0, "return_logprobs": True, "ignore_eos": True}
+    s = from_pb(ids_request(max_new_tokens=7, **explicit), None, LIMITS).sampling
     assert s.max_new_tokens == 7
     assert s.temperature == pytest.approx(0.5) and s.top_p == pytest.approx(0.9)
     assert s.top_k == 40
     assert s.seed == 0  # an explicit 0 is a seed, not "unset"
-    assert s.return_logprobs and not s.greedy
+    assert s.return_logprobs and s.ignore_eos and not s.greedy
 
 
 def test_explicit_zero_temperature_is_greedy_and_explicit_zero_top_k_is_no_limit():
