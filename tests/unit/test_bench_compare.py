@@ -100,3 +100,17 @@ def test_transformers_sides_generate_exactly_the_requested_tokens(tmp_path):
         assert result.tokens == 9 and all(r.ttft_s <= r.latency_s for r in result.results)
     first, second = result.results  # serial: both sent at once, the second waited for the first
     assert second.ttft_s > first.latency_s
+
+
+@pytest.mark.timeout(60)
+def test_benchmark_model_builds_a_servable_checkpoint(tmp_path):
+    """`bench.model` at a tiny shape: a Mixtral checkpoint moemesh loads, with the demo bot's tokenizer."""
+    from bench.model import SHAPE, build
+    from moemesh.checkpoint import Checkpoint
+
+    tiny = SHAPE | {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_local_experts": 4,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 2048}  # fmt: skip
+    out = build(tmp_path / "bench-model", tiny)
+    cfg = Checkpoint(out).config
+    assert (cfg.model_type, cfg.num_layers, cfg.num_experts, cfg.vocab_size) == ("mixtral", 2, 4, 2048)
+    assert (out / "tokenizer.json").exists() and not (tmp_path / "bench-model.partial").exists()
