@@ -9,16 +9,19 @@
 - Chunk size: while sequences are decoding, a step's prefill tokens are capped so that the step's
   estimated time stays within the inter-token budget (`--max-decode-stall-ms`): each decoding stream
   waits at most that long for its next token, however long the prompts being read beside it. The
-  estimate is learned from the steps themselves (`StepCost`), so it fits the machine and the model.
+  estimate is fitted to the recent steps themselves (`StepCost`), so it fits the machine and the model.
 """
 
+from collections import deque
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass
 from typing import Protocol
+
+import numpy as np
 
 AGING_TOKENS_PER_S = 256.0  # a second of waiting counts as this many prompt tokens fewer
 MIN_PREFILL_CHUNK = 16  # prefill always moves by at least this much, whatever the budget says
-EWMA = 0.2  # weight of the newest step in the cost estimates
+COST_WINDOW = 64  # recent steps the step-time model is fitted to
+MIN_TOKEN_S = 1e-5  # floor of the fitted time per prefill token (noise may fit ~0 or less)
 
 
 class Schedulable(Protocol):
@@ -39,29 +42,50 @@ def prefill_order(prefilling: Seq[Schedulable], now: float) -> list[Schedulable]
     return sorted(prefilling, key=lambda s: (s.priority, s.pending - AGING_TOKENS_PER_S * (now - s.submitted_at)))
 
 
-@dataclass
 class StepCost:
-    """A step's time as (decode step time) + (seconds per prefill token) x prefill tokens, learned online."""
+    """A step's time as fixed + (per decode) x decodes + (per prefill token) x prefill tokens, fitted by least
+    squares over the last `COST_WINDOW` steps, so that it follows the load and the machine.
 
-    decode_s: float | None = None  # a step of decodes only
-    per_token_s: float | None = None  # each prefill token on top
+    The fixed part (reading the weights, one expert call per MoE layer) is most of a step on a large model:
+    a step of 512 prefill tokens and one of 32 decodes may take about the same time. Counting it per token
+    (as a ratio of time to tokens does) would cap chunks far below what the budget allows, and prompts
+    beside decodes would crawl in at the minimum chunk."""
+
+    def __init__(self) -> None:
+        self._steps: deque[tuple[int, int, float]] = deque(maxlen=COST_WINDOW)  # (decodes, prefill tokens, s)
+        self._fit: tuple[float, float, float] | None = None
+        self._stale = False
 
     def observe(self, decodes: int, prefill_tokens: int, seconds: float) -> None:
-        if prefill_tokens == 0:
-            if decodes:
-                self.decode_s = _ewma(self.decode_s, seconds)
-            return
-        base = self.decode_s if decodes and self.decode_s is not None else 0.0
-        if prefill_tokens >= MIN_PREFILL_CHUNK:  # small chunks say more about fixed costs than per-token ones
-            self.per_token_s = _ewma(self.per_token_s, max(seconds - base, 0.0) / prefill_tokens)
+        self._steps.append((decodes, prefill_tokens, seconds))
+        self._stale = True
 
-    def prefill_room(self, budget_s: float) -> int | None:
-        """Prefill tokens a step with decodes may take and stay within `budget_s`; None: no limit known."""
-        if budget_s <= 0 or self.per_token_s is None or self.per_token_s == 0:
+    def estimate(self) -> tuple[float, float, float] | None:
+        """(fixed s, s per decode, s per prefill token); None until prefill has been seen beside varied steps."""
+        if self._stale:
+            self._fit, self._stale = _fit(list(self._steps)), False
+        return self._fit
+
+    def prefill_room(self, budget_s: float, decodes: int) -> int | None:
+        """Prefill tokens a step with `decodes` may take and stay within `budget_s`; None: no limit known."""
+        fit = self.estimate() if budget_s > 0 else None
+        if fit is None:
             return None
-        spare = budget_s - (self.decode_s or 0.0)
-        return max(MIN_PREFILL_CHUNK, int(spare / self.per_token_s))
+        fixed, per_decode, per_token = fit
+        spare = budget_s - max(0.0, fixed + per_decode * decodes)
+        return max(MIN_PREFILL_CHUNK, int(round(spare / per_token, 6)))  # rounded: 79.99999 tokens is 80
 
 
-def _ewma(old: float | None, new: float) -> float:
-    return new if old is None else (1 - EWMA) * old + EWMA * new
+def _fit(steps: list[tuple[int, int, float]]) -> tuple[float, float, float] | None:
+    prefill = {p for _, p, _ in steps}
+    if len(steps) < 3 or len(prefill) < 2:  # no variety in prefill: its cost per token cannot be told apart
+        return None
+    x = np.array([[1.0, d, p] for d, p, _ in steps])
+    y = np.array([t for _, _, t in steps])
+    if np.linalg.matrix_rank(x) < 3:  # decodes never vary (apart from prefill): fold them into the fixed part
+        x = x[:, [0, 2]]
+        (fixed, per_token), *_ = np.linalg.lstsq(x, y, rcond=None)
+        per_decode = 0.0
+    else:
+        (fixed, per_decode, per_token), *_ = np.linalg.lstsq(x, y, rcond=None)
+    return float(fixed), float(per_decode), max(float(per_token), MIN_TOKEN_S)

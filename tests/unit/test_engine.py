@@ -16,6 +16,7 @@ from moemesh.settings import GatewaySettings
 from services.gateway import metrics
 from services.gateway.engine import Engine
 from services.gateway.requests import GenerationRequest, SamplingConfig, StepOutput, merge
+from services.gateway.scheduler import StepCost
 from services.gateway.server import build_engine
 from services.gateway.text import TextCodec
 from tests.helpers import make_mixtral, stepwise_logits
@@ -390,12 +391,13 @@ def test_prefill_beside_decodes_is_capped_by_the_inter_token_budget(model_dir):
     long_, short = engine.submit(request(list(range(1, 301)))), engine.submit(request(list(range(1, 41))))
     engine._admit()
     decoding.computed, decoding.output_ids = 3, [5]  # its prompt is read: it decodes one token per step
-    engine.cost.decode_s, engine.cost.per_token_s = 0.020, 0.001  # as if measured
+    for decodes, prefill in ((1, 0), (1, 100), (2, 50), (0, 200)):  # as if measured: 19 ms + 1 ms each
+        engine.cost.observe(decodes, prefill, 0.019 + 0.001 * (decodes + prefill))
     chosen = dict((seq, n) for seq, n in engine._schedule())
     assert chosen[decoding] == 1
     assert chosen[short] == 40  # the shorter prompt goes first, whatever the arrival order
     assert chosen[long_] == 80 - 40  # 20 ms of decodes + 80 prefill tokens x 1 ms = the 100 ms budget
-    engine.cost.per_token_s = None  # nothing measured: only max_batch_tokens caps the step
+    engine.cost = StepCost()  # nothing measured: only max_batch_tokens caps the step
     assert sum(n for _, n in engine._schedule()) == 1 + 300 + 40
 
 
