@@ -134,8 +134,8 @@ class GatewaySettings(ServiceSettings):
     max_batch_tokens: int = Field(512, description="token budget of one engine step (chunked prefill)")
     max_decode_stall_ms: float = Field(
         250.0,
-        description="inter-token budget: while sequences decode, a step's prefill chunk is capped so the step is "
-        "estimated (from measured step times) to take at most this long; 0: only max_batch_tokens caps it",
+        description="stall budget: while sequences decode, a step's prefill chunk is capped so that it is estimated "
+        "(from measured step times) to add at most this long to the step; 0: only max_batch_tokens caps it",
     )
     micro_batches: int = Field(
         0,

@@ -311,7 +311,7 @@ class Engine:
         budget = self.config.max_batch_tokens
         chosen = [(s, 1) for s in self.running if s.pending == 1][:budget]
         budget -= len(chosen)
-        if chosen and (room := self.cost.prefill_room(self.config.max_decode_stall_s, len(chosen))) is not None:
+        if chosen and (room := self.cost.prefill_room(self.config.max_decode_stall_s)) is not None:
             budget = min(budget, room)
         for seq in prefill_order([s for s in self.running if s.pending > 1], time.monotonic()):
             if budget <= 0:

@@ -6,10 +6,12 @@
   left goes first (shortest remaining processing time: short questions are not stuck behind long
   documents), less `AGING_TOKENS_PER_S` for every second since it arrived, so that a long prompt is not
   starved by a stream of short ones.
-- Chunk size: while sequences are decoding, a step's prefill tokens are capped so that the step's
-  estimated time stays within the inter-token budget (`--max-decode-stall-ms`): each decoding stream
-  waits at most that long for its next token, however long the prompts being read beside it. The
-  estimate is fitted to the recent steps themselves (`StepCost`), so it fits the machine and the model.
+- Chunk size: while sequences are decoding, a step's prefill tokens are capped so that reading them adds
+  at most the stall budget (`--max-decode-stall-ms`) to the step: each decoding stream waits at most that
+  much longer for its next token than a step of decodes alone takes, however long the prompts being read
+  beside it. (A budget on the whole step would leave no room at all where decodes alone take most of it,
+  as 32 streams of a 1.2 B model do on 2 cores: prompts would crawl in 16 tokens a step.) The time per
+  prefill token is fitted to the recent steps themselves (`StepCost`), so it fits the machine and model.
 """
 
 from collections import deque
@@ -66,14 +68,12 @@ class StepCost:
             self._fit, self._stale = _fit(list(self._steps)), False
         return self._fit
 
-    def prefill_room(self, budget_s: float, decodes: int) -> int | None:
-        """Prefill tokens a step with `decodes` may take and stay within `budget_s`; None: no limit known."""
+    def prefill_room(self, budget_s: float) -> int | None:
+        """Prefill tokens that add at most `budget_s` to a step of decodes; None: no limit known."""
         fit = self.estimate() if budget_s > 0 else None
         if fit is None:
             return None
-        fixed, per_decode, per_token = fit
-        spare = budget_s - max(0.0, fixed + per_decode * decodes)
-        return max(MIN_PREFILL_CHUNK, int(round(spare / per_token, 6)))  # rounded: 79.99999 tokens is 80
+        return max(MIN_PREFILL_CHUNK, int(round(budget_s / fit[2], 6)))  # rounded: 79.99999 tokens is 80
 
 
 def _fit(steps: list[tuple[int, int, float]]) -> tuple[float, float, float] | None:

@@ -396,7 +396,7 @@ def test_prefill_beside_decodes_is_capped_by_the_inter_token_budget(model_dir):
     chosen = dict((seq, n) for seq, n in engine._schedule())
     assert chosen[decoding] == 1
     assert chosen[short] == 40  # the shorter prompt goes first, whatever the arrival order
-    assert chosen[long_] == 80 - 40  # 20 ms of decodes + 80 prefill tokens x 1 ms = the 100 ms budget
+    assert chosen[long_] == 100 - 40  # 100 prefill tokens x 1 ms = the 100 ms budget on top of the decodes
     engine.cost = StepCost()  # nothing measured: only max_batch_tokens caps the step
     assert sum(n for _, n in engine._schedule()) == 1 + 300 + 40
 
