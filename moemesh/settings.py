@@ -138,10 +138,10 @@ class GatewaySettings(ServiceSettings):
         "(from measured step times) to add at most this long to the step; 0: only max_batch_tokens caps it",
     )
     micro_batches: int = Field(
-        0,
-        ge=0,
+        1,
+        ge=1,
         description="a step's sequences run as up to this many micro-batches in ping-pong, so that one's attention "
-        "overlaps another's expert calls; 0: auto (2 with routers, 1 with in-process experts)",
+        "overlaps another's expert calls (with routers); each reads the experts' weights again (docs/benchmarks.md)",
     )
     micro_batch_min_tokens: int = Field(8, ge=1, description="fewest tokens of a micro-batch; smaller steps run whole")
     max_waiting: int = Field(1024, description="most requests queued for admission; beyond: RESOURCE_EXHAUSTED")

@@ -63,7 +63,7 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
         settings.max_waiting,
         settings.max_decode_stall_ms / 1000,
         settings.kv_cache_bytes or int(KV_SHARE_OF_FREE_MEMORY * hardware.available_memory_bytes(device)),
-        settings.micro_batches or (2 if settings.router else 1),  # in-process experts leave nothing to overlap
+        settings.micro_batches,
         settings.micro_batch_min_tokens,
     )
     text = TextCodec.from_dir(settings.model)
