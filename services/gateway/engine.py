@@ -49,6 +49,8 @@ def split_micro_batches(
     """The step's (sequence, tokens) in up to `parts` consecutive groups of about equal tokens, each of at
     least `min_tokens` (a sequence is never split): the micro-batches `DenseModel.forward` runs in ping-pong.
     Splitting pays each layer's fixed costs once per micro-batch, so small steps stay whole."""
+    if parts <= 1:  # the default: one batch, nothing to split (this runs every step)
+        return [chosen]
     total = sum(n for _, n in chosen)
     parts = max(1, min(parts, len(chosen), total // max(1, min_tokens)))
     groups: list[list[tuple[Sequence, int]]] = [[]]
