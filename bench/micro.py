@@ -6,6 +6,9 @@
   1, 4 and 32 rows (one routed expert's shape of the demo model: hidden 256, intermediate 512);
 - LM head: `F.linear` with the weight as checkpoints store it ([vocab, hidden], row-major) against the
   same values over a [hidden, vocab] buffer, as `DenseModel` keeps it (the demo model's 129,280 x 256);
+- packed linears: `F.linear` on a bf16 weight against `PackedLinear` (the weight packed once for oneDNN), for
+  the benchmark model's expert projections and LM head at 1 to 128 rows, with enough weight copies that
+  they are read from memory as in a decode step, not from cache (CPUs with native bf16 only);
 - attention: bf16 queries, keys and values attended in bf16 against upcast to fp32 (what `attend` does on
   the CPU for one query), for decode (1 query) and prefill shapes of the demo and benchmark models.
 
@@ -101,6 +104,40 @@ def lm_head_layout(markdown: bool) -> None:
     table(["dtype", "rows", "[vocab, hidden] ms", "[hidden, vocab] buffer ms", "ratio"], rows, markdown)
 
 
+def _each(apply: Callable, copies: list, x: torch.Tensor) -> None:
+    """`apply(x, copy)` for every copy: F.linear over weights, or PackedLinear.__call__ over modules (swapped)."""
+    for copy in copies:
+        apply(*((copy, x) if isinstance(copy, torch.nn.Module) else (x, copy)))
+
+
+def packed_linear(markdown: bool) -> None:
+    """The benchmark model's shapes, weights cycled through ~400 MB of copies (out of every cache)."""
+    from moemesh.packed import PackedLinear, packing_supported
+
+    if not packing_supported(torch.bfloat16, torch.device("cpu")):
+        print("packed linears: skipped, this CPU has no native bf16 in oneDNN (moemesh does not pack here)")
+        return
+    rows = []
+    shapes = (("expert gate+up", 1024, 5632), ("expert down", 2816, 1024), ("LM head", 1024, 32000))
+    for name, inputs, outputs in shapes:
+        copies = max(2, 400_000_000 // (inputs * outputs * 2))
+        plain = [torch.randn(outputs, inputs).to(torch.bfloat16) for _ in range(copies)]
+        packed = [PackedLinear(w) for w in plain]
+        input_major = [w.T.contiguous().T for w in plain] if name == "LM head" else None
+        for n in (1, 8, 32, 128):
+            x = torch.randn(n, inputs).to(torch.bfloat16)
+            with torch.inference_mode():
+                a = _median_us(partial(_each, F.linear, plain, x), 5) / copies / 1000
+                b = _median_us(partial(_each, PackedLinear.__call__, packed, x), 5) / copies / 1000
+                c = _median_us(partial(_each, F.linear, input_major, x), 5) / copies / 1000 if input_major else None
+            gbs = inputs * outputs * 2 / (b / 1000) / 1e9
+            rows.append([name, f"{inputs}x{outputs}", str(n), f"{a:.3f}", f"{c:.3f}" if c else "-", f"{b:.3f}",
+                         f"{b / a:.2f}", f"{gbs:.1f}"])  # fmt: skip
+        del plain, packed, input_major
+    table(["projection", "in x out", "rows", "F.linear ms", "input-major ms", "packed ms", "packed/F.linear",
+           "packed GB/s"], rows, markdown)  # fmt: skip
+
+
 def _attention_in(dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
     """q [n, H, D], k and v [L, K, D], attended in `dtype`; the output back in q's dtype."""
     q_, k_, v_ = (t.to(dtype).transpose(0, 1)[None] for t in (q, k, v))
@@ -135,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     fused_mlp(args.markdown)
     print()
     lm_head_layout(args.markdown)
+    print()
+    packed_linear(args.markdown)
     print()
     attention_dtype(args.markdown)
     return 0

@@ -18,6 +18,7 @@ from torch import nn
 
 from moemesh.checkpoint import Checkpoint
 from moemesh.config import GateConfig, ModelConfig, RopeConfig
+from moemesh.packed import pack_linears, packing_supported
 
 
 class RoutedExperts(Protocol):
@@ -382,14 +383,17 @@ class DenseModel(nn.Module):
         # The LM head is a decode step's largest matmul (a GEMV at one stream). Stored input-major (the same
         # [vocab, hidden] values over a [hidden, vocab] buffer), torch's CPU kernels stream it near memory
         # speed: 0.35x the time in fp32 and 0.76x in bf16 at one row (docs/benchmarks.md).
+        # Where the linears are packed for oneDNN (`moemesh.packed`), the packed head is faster still.
         tied = ckpt.config.tie_word_embeddings
-        head = state["embed_tokens.weight" if tied else "lm_head.weight"].T.contiguous().T
+        head = state["embed_tokens.weight" if tied else "lm_head.weight"]
+        if not packing_supported(dtype, device):
+            head = head.T.contiguous().T
         state["lm_head.weight"] = head
         if tied:
-            state["embed_tokens.weight"] = head  # one buffer for both
+            state["embed_tokens.weight"] = head  # one buffer for both (unless the head is packed)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary = RotaryEmbedding(ckpt.config.rope).to(device)
-        return model.eval()
+        return pack_linears(model.eval())
 
 
 def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> dict[int, Gate]:
@@ -404,9 +408,10 @@ def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> di
 
 
 def load_experts(
-    ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype, device: torch.device
+    ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype, device: torch.device, pack: bool = True
 ) -> dict[tuple[int, int], MLP]:
-    """Reads only the given (layer, expert) pairs' weights."""
+    """Reads only the given (layer, expert) pairs' weights; `pack=False` keeps plain `nn.Linear`s (to be
+    quantized)."""
     cfg = ckpt.config
     experts = {}
     for layer, expert in pairs:
@@ -414,5 +419,6 @@ def load_experts(
             module = MLP(cfg.hidden_size, cfg.moe_intermediate_size)
         state = ckpt.load(ckpt.tensors.expert(layer, expert), dtype, device)
         module.load_state_dict(state, strict=True, assign=True)
-        experts[(layer, expert)] = module.eval().requires_grad_(False)
+        module = module.eval().requires_grad_(False)
+        experts[(layer, expert)] = pack_linears(module) if pack else module
     return experts

@@ -187,17 +187,22 @@ class Cluster:
 
 
 def stepwise_logits(
-    model_dir: Path, routed_factory, prompt: list[int], steps: int, device: torch.device = CPU
+    model_dir: Path,
+    routed_factory,
+    prompt: list[int],
+    steps: int,
+    device: torch.device = CPU,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[list[int], list[torch.Tensor]]:
-    """Greedy decoding with our dense model on `device` and the routed experts `routed_factory(ckpt)`; logits
-    [V] of every step, in host memory."""
+    """Greedy decoding with our dense model in `dtype` on `device` and the routed experts
+    `routed_factory(ckpt)`; logits [V] of every step, in host memory."""
     from moemesh.checkpoint import Checkpoint
     from moemesh.model import DenseModel, KVCache, SequenceSlice, StepBatch
 
     ckpt = Checkpoint(model_dir)
-    dense = DenseModel.from_checkpoint(ckpt, torch.float32, device)
+    dense = DenseModel.from_checkpoint(ckpt, dtype, device)
     routed = routed_factory(ckpt)
-    cache = KVCache(ckpt.config, torch.float32, device)
+    cache = KVCache(ckpt.config, dtype, device)
     ids, tokens, logits = prompt, [], []
     for _ in range(steps):
         n = len(ids)

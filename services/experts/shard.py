@@ -34,7 +34,7 @@ class ExpertShard:
         experts = shard_experts(spec, cfg.num_experts)
         layers = {layer: experts for layer in cfg.moe_layers}
         pairs = [(layer, e) for layer, held in layers.items() for e in held]
-        modules = load_experts(ckpt, pairs, dtype, device)
+        modules = load_experts(ckpt, pairs, dtype, device, pack=quantize == "none")
         if quantize == "int8":
             modules = {pair: quantize_int8(module) for pair, module in modules.items()}
         return cls(ckpt.fingerprint, layers, cfg.hidden_size, LocalExperts(modules))

@@ -1,0 +1,72 @@
+"""oneDNN-packed linear layers (`moemesh.packed`): the same outputs as `nn.Linear`, applied only where they can be."""
+
+import pytest
+import torch
+from torch import nn
+
+from moemesh import model as model_module
+from moemesh import packed
+from moemesh.checkpoint import Checkpoint
+from moemesh.model import MLP, DenseModel, load_experts, load_gates
+from moemesh.moe import LocalExperts, RoutedMoE
+from moemesh.packed import PackedLinear, pack_linears, packing_supported
+from tests.helpers import CPU, make_mixtral, stepwise_logits
+
+pytestmark = pytest.mark.timeout(120)
+
+BF16 = torch.bfloat16
+needs_packing = pytest.mark.skipif(not packing_supported(BF16, CPU), reason="this CPU has no native bf16 in oneDNN")
+
+
+def test_packing_is_only_for_bf16_on_cpu():
+    assert not packing_supported(torch.float32, CPU)
+    assert not packing_supported(torch.float16, CPU)
+    assert not packing_supported(BF16, torch.device("meta"))
+    mlp = MLP(16, 32)  # fp32
+    assert pack_linears(mlp) is mlp and type(mlp.gate_up_proj) is nn.Linear
+
+
+@needs_packing
+@pytest.mark.parametrize("rows", [(1,), (7,), (3, 5)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_packed_linear_matches_linear_bit_for_bit(rows, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(96, 200, bias=bias).to(BF16)
+    x = torch.randn(*rows, 96, dtype=BF16)
+    expected = linear(x)
+    got = PackedLinear(linear.weight, linear.bias)(x)
+    assert got.shape == expected.shape == (*rows, 200)
+    assert torch.equal(got, expected)
+
+
+@needs_packing
+def test_pack_linears_swaps_every_linear_inside():
+    mlp = MLP(16, 32).to(BF16)
+    assert pack_linears(mlp) is mlp
+    assert type(mlp.gate_up_proj) is PackedLinear and type(mlp.down_proj) is PackedLinear
+    assert type(pack_linears(nn.Linear(4, 4).to(BF16))) is PackedLinear
+
+
+@needs_packing
+def test_bf16_model_loads_packed_and_decodes_as_unpacked(tmp_path, monkeypatch):
+    model_dir = make_mixtral(tmp_path / "m", initializer_range=0.2)
+
+    def routed(ckpt):
+        cfg = ckpt.config
+        pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
+        experts = LocalExperts(load_experts(ckpt, pairs, BF16, CPU))
+        is_packed = [type(m.down_proj) is PackedLinear for m in experts.experts.values()]
+        assert all(is_packed) == packed.packing_supported(BF16, CPU)
+        return RoutedMoE(load_gates(ckpt, BF16, CPU), experts, cfg.num_experts)
+
+    prompt = [(37 * i + 11) % 500 for i in range(12)]
+    tokens, logits = stepwise_logits(model_dir, routed, prompt, 8, dtype=BF16)
+    dense = DenseModel.from_checkpoint(Checkpoint(model_dir), BF16, CPU)
+    assert type(dense.lm_head) is PackedLinear and type(dense.layers[0].self_attn.q_proj) is PackedLinear
+
+    monkeypatch.setattr(packed, "packing_supported", lambda dtype, device: False)
+    monkeypatch.setattr(model_module, "packing_supported", lambda dtype, device: False)
+    plain_tokens, plain_logits = stepwise_logits(model_dir, routed, prompt, 8, dtype=BF16)
+    assert tokens == plain_tokens
+    for ours, plain in zip(logits, plain_logits, strict=True):
+        assert (ours - plain).abs().max().item() <= 0.05 * plain.abs().max().item()
