@@ -36,6 +36,7 @@ and 16-64 new tokens; fixed at 1,8 streams, 8 requests of 32 new tokens; the ope
 """
 
 import argparse
+import functools
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -48,6 +49,7 @@ from bench.plot import plot
 from bench.targets import OPEN_LOOP, RATIOS, TARGET_HEADER, UP, Reached, ratios, target_rows
 from bench.throughput import LevelResult, latencies, run_distributed, run_in_process
 from bench.workloads import Request, describe, fixed_requests, mixed_requests
+from moemesh.compute_threads import in_passing_thread
 
 SIDES = ("in-process", "moemesh-up", llamacpp.SIDE, *hf.SIDES)
 WORKLOADS = ("mixed", "fixed", "openloop")
@@ -116,7 +118,8 @@ def run_workload(workload: Workload, runs: dict[str, tuple[str, Runner]]) -> ByS
         for side in workload.sides:
             title, run = runs[side]
             print(f"{workload.name}: {title}, {concurrency} streams; {load_average()}", flush=True)
-            for level in run([concurrency], workload.requests):
+            # A passing thread: a side's torch work must leave no OpenMP pool behind (`moemesh.compute_threads`)
+            for level in in_passing_thread(functools.partial(run, [concurrency], workload.requests), "side"):
                 check_lengths(level, workload.requests)
                 by_side.setdefault(level.side, []).append(level)
     return by_side
@@ -239,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     fixed = fixed_requests(args.requests, cfg.vocab_size, args.max_new_tokens)
     compute = auto_compute_dtype(cfg.checkpoint_dtype, torch.device("cpu"))
     weights = roofline.weights(ckpt)
-    machine = roofline.measure(cfg.hidden_size, cfg.moe_intermediate_size, compute)
+    machine = in_passing_thread(lambda: roofline.measure(cfg.hidden_size, cfg.moe_intermediate_size, compute))
     one_stream_s = machine.step_floor_s(weights, 1)
     mixed_floor_s = roofline.workload_floor_s(mixed, weights, machine)
     print(

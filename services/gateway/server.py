@@ -3,12 +3,14 @@
 from pathlib import Path
 
 import redis
+import torch
 from grpc_reflection.v1alpha import reflection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from moemesh import hardware, tracing
 from moemesh.checkpoint import Checkpoint
+from moemesh.compute_threads import in_passing_thread
 from moemesh.errors import ConfigError
 from moemesh.model import DenseModel, RoutedExperts, load_experts, load_gates
 from moemesh.moe import LocalExperts, RoutedMoE
@@ -38,7 +40,8 @@ HEALTH_THREADS = 32  # server threads beyond the Gateway calls' limit: health ch
 
 def build_engine(settings: GatewaySettings, controls: ContentControls | None = None) -> tuple[Engine, Checkpoint]:
     """The engine over the dense model, with the experts behind the router or, without one, in-process, and
-    the output rules of `controls` (default: those of `settings.input_filter`)."""
+    the output rules of `controls` (default: those of `settings.input_filter`). Weights are loaded in passing
+    threads, so that the engine's is the one thread with an OpenMP pool (`moemesh.compute_threads`)."""
     controls = controls or load_controls(settings.input_filter)
     device = settings.torch_device()
     ckpt = Checkpoint(settings.model)
@@ -54,9 +57,7 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
             settings.hedge_floor_s, credentials,
         )  # fmt: skip
     else:
-        pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-        experts = LocalExperts(load_experts(ckpt, pairs, dtype, device))
-        routed = RoutedMoE(load_gates(ckpt, dtype, device), experts, cfg.num_experts)
+        routed = in_passing_thread(lambda: local_experts(ckpt, dtype, device))
     config = EngineConfig(
         settings.max_batch_seqs,
         settings.max_batch_tokens,
@@ -68,9 +69,18 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
     )
     text = TextCodec.from_dir(settings.model)
     eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids
-    dense = DenseModel.from_checkpoint(ckpt, dtype, device)
+    dense = in_passing_thread(lambda: DenseModel.from_checkpoint(ckpt, dtype, device))
     engine = Engine(dense, routed, config, text, eos_ids, controls.output)
     return engine, ckpt
+
+
+def local_experts(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> RoutedMoE:
+    """Every routed expert, in this process (a gateway without a router)."""
+    cfg = ckpt.config
+    pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
+    return RoutedMoE(
+        load_gates(ckpt, dtype, device), LocalExperts(load_experts(ckpt, pairs, dtype, device)), cfg.num_experts
+    )
 
 
 def redis_client(settings: GatewaySettings) -> redis.Redis | None:
