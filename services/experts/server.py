@@ -5,6 +5,7 @@ import time
 
 from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
+from moemesh.compute_threads import in_passing_thread
 from moemesh.registry import Registration, advertised_address
 from moemesh.rpc import Service
 from moemesh.settings import ExpertSettings
@@ -32,7 +33,11 @@ def load_shard(settings: ExpertSettings, servicer: ExpertServicer) -> None:
     if settings.fault_load_delay_s > 0:
         time.sleep(settings.fault_load_delay_s)  # fault injection: a slow load, to observe NOT_SERVING
     ckpt = Checkpoint(settings.model)
-    shard = ExpertShard.load(ckpt, settings.shard, servicer.compute_dtype, servicer.device, settings.quantize)
+    # In a passing thread: the handler threads that compute hold the process's only OpenMP pool
+    # (`moemesh.compute_threads`)
+    shard = in_passing_thread(
+        lambda: ExpertShard.load(ckpt, settings.shard, servicer.compute_dtype, servicer.device, settings.quantize)
+    )
     servicer.set_shard(shard)
 
 
