@@ -40,6 +40,15 @@ def test_packed_linear_matches_linear_bit_for_bit(rows, bias):
 
 
 @needs_packing
+def test_packed_linear_takes_non_contiguous_inputs():
+    weight = torch.randn(64, 32, dtype=BF16)
+    transposed, sliced = torch.randn(32, 10, dtype=BF16).t(), torch.randn(10, 64, dtype=BF16)[:, :32]
+    for x in (transposed, sliced):
+        assert not x.is_contiguous()
+        assert torch.equal(PackedLinear(weight)(x), torch.nn.functional.linear(x, weight))
+
+
+@needs_packing
 def test_pack_linears_swaps_every_linear_inside():
     mlp = MLP(16, 32).to(BF16)
     assert pack_linears(mlp) is mlp
