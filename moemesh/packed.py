@@ -1,14 +1,15 @@
 """Linear layers whose weights are packed once, at load, in oneDNN's blocked layout (CPU, bf16).
 
 A decode step is a chain of small-batch matmuls that must stream their weights at memory speed. `F.linear`
-on a plain [out, in] bf16 weight reorders it for oneDNN's kernel at every call; a weight packed once
-(`mkldnn._reorder_linear_weight`, what `torch.compile` does for frozen CPU linears) skips that. The output
-is bit for bit the same. On the 2-core AVX512-bf16 machine, an expert's 1024 -> 5632 projection, weights
-out of cache, took 0.41 against 0.84 ms at one row and 1.1 against 1.8 ms at 32 (`python -m bench.micro`,
-docs/benchmarks.md).
+hands oneDNN the plain [out, in] bf16 weight at every call; a weight reordered once into the blocked layout
+oneDNN's kernels read (`mkldnn._reorder_linear_weight`, what `torch.compile` does for frozen CPU linears) is
+read faster, with bit for bit the same output. On the 2-core AVX512-bf16 machine, an expert's 1024 -> 5632
+projection, weights out of cache, took 0.56 against 0.72 ms at one row and 1.07 against 1.56 ms at 32
+(`python -m bench.micro`, docs/benchmarks.md).
 
 Packing applies where oneDNN has native bf16 kernels (AVX512-bf16 / AMX CPUs). Elsewhere, or for fp32 (whose
-packed MKL kernel sums in another order), `pack_linears` leaves the module as it is.
+packed MKL kernel sums in another order, so fp32 results would change), `pack_linears` leaves the module as
+it is.
 """
 
 import torch
