@@ -3,13 +3,12 @@
 import pytest
 import torch
 
-from moemesh.model import load_experts, load_gates
-from moemesh.moe import LocalExperts, RoutedMoE
+from moemesh.moe import RoutedMoE
 from moemesh.settings import GatewaySettings
 from moemesh.v1 import gateway_pb2
 from services.gateway.requests import GenerationRequest, SamplingConfig, StepOutput, merge
 from services.gateway.router_client import RouterClient
-from services.gateway.server import build_engine
+from services.gateway.server import build_engine, local_experts
 from tests.helpers import CPU, Cluster, hf_greedy, stepwise_logits
 
 STEPS = 32
@@ -20,10 +19,7 @@ LOGIT_TOLERANCE = 1e-4
 
 
 def local_moe(ckpt, device: torch.device = CPU) -> RoutedMoE:
-    cfg = ckpt.config
-    pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-    experts = LocalExperts(load_experts(ckpt, pairs, torch.float32, device))
-    return RoutedMoE(load_gates(ckpt, torch.float32, device), experts, cfg.num_experts)
+    return local_experts(ckpt, torch.float32, device)
 
 
 def max_logit_diff(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:

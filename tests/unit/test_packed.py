@@ -7,9 +7,9 @@ from torch import nn
 from moemesh import model as model_module
 from moemesh import packed
 from moemesh.checkpoint import Checkpoint
-from moemesh.model import MLP, DenseModel, load_experts, load_gates
-from moemesh.moe import LocalExperts, RoutedMoE
+from moemesh.model import MLP, DenseModel
 from moemesh.packed import PackedLinear, pack_linears, packing_supported
+from services.gateway.server import local_experts
 from tests.helpers import CPU, make_mixtral, stepwise_logits
 
 pytestmark = pytest.mark.timeout(120)
@@ -61,12 +61,10 @@ def test_bf16_model_loads_packed_and_decodes_as_unpacked(tmp_path, monkeypatch):
     model_dir = make_mixtral(tmp_path / "m", initializer_range=0.2)
 
     def routed(ckpt):
-        cfg = ckpt.config
-        pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-        experts = LocalExperts(load_experts(ckpt, pairs, BF16, CPU))
-        is_packed = [type(m.down_proj) is PackedLinear for m in experts.experts.values()]
+        moe = local_experts(ckpt, BF16, CPU)
+        is_packed = [type(m.down_proj) is PackedLinear for m in moe.executor.experts.values()]
         assert all(is_packed) == packed.packing_supported(BF16, CPU)
-        return RoutedMoE(load_gates(ckpt, BF16, CPU), experts, cfg.num_experts)
+        return moe
 
     prompt = [(37 * i + 11) % 500 for i in range(12)]
     tokens, logits = stepwise_logits(model_dir, routed, prompt, 8, dtype=BF16)
