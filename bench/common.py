@@ -106,6 +106,18 @@ def command_line(module: str) -> str:
     return shlex.join([rel if not rel.startswith("..") else exe, "-m", module, *sys.argv[1:]])
 
 
+def allocator_as_services(model: Path) -> str:
+    """Sets this process's malloc as a gateway serving `model` sets its own (`moemesh.allocator`, unless
+    `MOEMESH_RETAIN_FREED_MEMORY=false`), so that the sides run in this process (the in-process gateway,
+    `transformers`) run as the services do; says which it is."""
+    from moemesh.allocator import retain_freed_memory
+    from moemesh.settings import GatewaySettings
+
+    if GatewaySettings(model=model).retain_freed_memory and retain_freed_memory():
+        return "malloc: freed memory retained (glibc thresholds fixed, as in moemesh's services)"
+    return "malloc: as the environment and C library set it"
+
+
 def load_average() -> str:
     one, five, fifteen = os.getloadavg()
     return f"load average {one:.2f}, {five:.2f}, {fifteen:.2f}"

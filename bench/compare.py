@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import hf, llamacpp, openloop, roofline
-from bench.common import command_line, cpu_description, load_average, percentile, table
+from bench.common import allocator_as_services, command_line, cpu_description, load_average, percentile, table
 from bench.plot import plot
 from bench.targets import OPEN_LOOP, RATIOS, TARGET_HEADER, UP, Reached, ratios, target_rows
 from bench.throughput import LevelResult, latencies, run_distributed, run_in_process
@@ -232,6 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     from moemesh.hardware import auto_compute_dtype
 
     model = (args.model or demo_model.ensure()).resolve()
+    print(allocator_as_services(model), flush=True)
     ckpt = Checkpoint(model)
     cfg = ckpt.config
     dtype = str(cfg.checkpoint_dtype).removeprefix("torch.")

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.common import ServiceProcess, command_line, inter_token_gaps, load_average, table
+from bench.common import ServiceProcess, allocator_as_services, command_line, inter_token_gaps, load_average, table
 from bench.workloads import WARMUP_INDEX, Request, describe, fixed_requests, warmup_request
 
 ARRIVAL_SEED = 7  # the open loop's arrival times
@@ -335,8 +335,7 @@ def run_distributed(model: Path, experts: int, levels: list[int], requests: Sequ
                 prof = profile_engine(label, engine, max(levels), requests)
             finally:
                 engine.stop()
-                for client in engine.routed.clients:
-                    client.close()
+                engine.routed.close()
                 torch.set_num_threads(threads)
         return results, prof
     finally:
@@ -422,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
     from moemesh.families import load_config
 
     model = (args.model or demo_model.ensure()).resolve()
+    print(allocator_as_services(model), flush=True)
     cfg = load_config(model)
     requests = fixed_requests(num_requests, cfg.vocab_size, args.max_new_tokens)
     print(

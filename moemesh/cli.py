@@ -172,12 +172,15 @@ def _run(args: argparse.Namespace) -> int:
 
         from pydantic import ValidationError
 
+        from moemesh.allocator import retain_freed_memory
         from moemesh.settings import describe, from_flags
 
         try:
             settings = from_flags(settings_class(args.command), args)
         except ValidationError as exc:
             raise ConfigError(describe(exc)) from None
+        if settings.retain_freed_memory:
+            retain_freed_memory()
         importlib.import_module(SERVICES[args.command][1]).serve(settings)
         return 0
     if args.command == "generate":

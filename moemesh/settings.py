@@ -42,6 +42,12 @@ class ServiceSettings(BaseSettings):
         description="torch intra-op threads; 0: the cores this process may use (its CPU "
         "affinity capped by its cgroup's CPU quota)",
     )
+    retain_freed_memory: bool = Field(
+        True,
+        description="fix glibc malloc's mmap and trim thresholds, so that large buffers freed by one step or call "
+        "are reused by the next instead of mapped and faulted in again (moemesh.allocator); false: the C "
+        "library's defaults. MALLOC_*_ or GLIBC_TUNABLES malloc settings in the environment win either way",
+    )
     grace_s: float = Field(10.0, description="seconds to finish in-flight work on SIGTERM")
     metrics_port: int = Field(-1, description="Prometheus metrics HTTP port; -1: off, 0: a free port")
     tls_cert: Path | None = Field(

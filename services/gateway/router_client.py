@@ -59,6 +59,10 @@ class RouterClient:
             for channel in channels:
                 channel.close()
 
+    def close(self) -> None:
+        for router in self.routers:
+            router.client.close()
+
     def submit(self, layer: int, hidden: torch.Tensor, deadline: float | None) -> Callable[[], torch.Tensor]:
         wire = codec.to_pb(hidden, self.wire_dtype)
         timeout_s = self.timeout_s if deadline is None else max(0.0, min(self.timeout_s, deadline - time.monotonic()))

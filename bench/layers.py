@@ -1,0 +1,189 @@
+"""Where a MoE layer's time goes over the router, against the same layer in one process, at one decode token
+and at prefill sizes.
+
+Starts `moemesh up` and rebuilds the gateway's dense model in this process over its router (as
+`bench.throughput`'s profile does), then drives the model directly with one sequence: decode steps after a
+100-token prompt, and prompts of each `--prefill` size (each read once to warm oneDNN's kernels for its
+shape, then timed). For every case it prints the step, what the gateway waits per MoE layer, what the
+router waits per call to a shard (`moemesh_router_replica_call_seconds`) and what the shards compute per call
+(`moemesh_expert_call_seconds`); the in-process engine (experts in the engine's process) runs the same cases.
+
+    .venv/bin/python -m bench.layers [--model DIR] [--experts 2] [--decode-steps 40] [--prefill 32,128,256]
+        [--markdown]
+"""
+
+import argparse
+import re
+import statistics
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bench.common import allocator_as_services, command_line, cpu_description, load_average, table
+from bench.throughput import start_up
+from moemesh.checkpoint import Checkpoint
+from moemesh.compute_threads import in_passing_thread
+from moemesh.model import DenseModel, KVCache, RoutedExperts, SequenceSlice, StepBatch
+
+PROMPT_FOR_DECODE = 100
+HISTOGRAMS = {"router": "moemesh_router_replica_call_seconds", "expert": "moemesh_expert_call_seconds"}
+
+
+@dataclass
+class Case:
+    step_ms: float
+    moe_ms: float  # per MoE layer, as the engine waits for it
+
+
+class TimedExperts:
+    """The engine's `RoutedExperts`, timing each MoE layer from submit to its output."""
+
+    def __init__(self, routed: RoutedExperts):
+        self.routed, self.seconds = routed, 0.0
+
+    def submit(self, layer, hidden, deadline):
+        start = time.perf_counter()
+        wait = self.routed.submit(layer, hidden, deadline)
+
+        def timed():
+            out = wait()
+            self.seconds += time.perf_counter() - start
+            return out
+
+        return timed
+
+
+class Driver:
+    """Steps one sequence through `model` over `routed`, timing the step and the MoE layers' waits."""
+
+    def __init__(self, model: DenseModel, routed: RoutedExperts):
+        self.model, self.timed = model, TimedExperts(routed)
+        self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        self.moe_layers = len(model.cfg.moe_layers)
+
+    def step(self, cache: KVCache, ids: list[int]) -> tuple[float, int]:
+        batch = StepBatch(
+            torch.tensor(ids), torch.arange(cache.length, cache.length + len(ids)),
+            [SequenceSlice(0, len(ids), cache)], torch.tensor([len(ids) - 1]),
+        )  # fmt: skip
+        start = time.perf_counter()
+        token = int(self.model([batch], self.timed).argmax())
+        cache.length += len(ids)
+        return time.perf_counter() - start, token
+
+    def prompt(self, size: int) -> tuple[KVCache, float, int]:
+        cache = KVCache(self.model.cfg, self.dtype, self.device)
+        seconds, token = self.step(cache, list(range(1, size + 1)))
+        return cache, seconds, token
+
+    def decode(self, cache: KVCache, token: int, steps: int) -> Case:
+        self.timed.seconds, times = 0.0, []
+        for _ in range(steps):
+            seconds, token = self.step(cache, [token])
+            times.append(seconds)
+        return Case(1000 * statistics.median(times), 1000 * self.timed.seconds / steps / self.moe_layers)
+
+    def prefill(self, size: int) -> Case:
+        self.timed.seconds = 0.0
+        _, seconds, _ = self.prompt(size)
+        return Case(1000 * seconds, 1000 * self.timed.seconds / self.moe_layers)
+
+
+def run_cases(driver: Driver, decode_steps: int, prefill: list[int], measure=lambda run: (run(), {})) -> dict:
+    """{case: (Case, what `measure` saw around it)}; every shape is run once untimed first (oneDNN builds its
+    kernels per shape, each service its buffers)."""
+    cache, _, token = driver.prompt(PROMPT_FOR_DECODE)
+    _, token = driver.step(cache, [token])
+    cases = {"decode, 1 token": measure(lambda: driver.decode(cache, token, decode_steps))}
+    for size in prefill:
+        driver.prompt(size)
+        cases[f"prefill, {size} tokens"] = measure(lambda size=size: driver.prefill(size))
+    return cases
+
+
+def scrape(address: str, histogram: str) -> tuple[float, float]:
+    """(count, sum) of `histogram` over all its labels."""
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    totals = []
+    for suffix in ("_count", "_sum"):
+        values = re.findall(rf"^{histogram}{suffix}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+        totals.append(sum(float(v) for v in values))
+    return totals[0], totals[1]
+
+
+def service_calls(metrics: dict[str, list[str]]):
+    """A `measure` for `run_cases`: the mean ms per call of each service kind's histogram over the run."""
+
+    def measure(run):
+        before = {kind: [scrape(a, HISTOGRAMS[kind]) for a in addresses] for kind, addresses in metrics.items()}
+        result = run()
+        means = {}
+        for kind, addresses in metrics.items():
+            after = [scrape(a, HISTOGRAMS[kind]) for a in addresses]
+            count = sum(a[0] - b[0] for a, b in zip(after, before[kind]))
+            seconds = sum(a[1] - b[1] for a, b in zip(after, before[kind]))
+            means[kind] = 1000 * seconds / count if count else float("nan")
+        return result, means
+
+    return measure
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.layers", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled demo model)")
+    parser.add_argument("--experts", type=int, default=2, help="expert shards of the cluster (default 2)")
+    parser.add_argument("--decode-steps", type=int, default=40)
+    parser.add_argument("--prefill", default="32,128,256", help="prompt sizes, comma-separated")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    prefill = [int(p) for p in args.prefill.split(",") if p.strip()]
+    from moemesh import demo_model
+    from moemesh.settings import GatewaySettings
+    from services.gateway.router_client import RouterClient
+    from services.gateway.server import local_experts
+
+    model_dir = (args.model or demo_model.ensure()).resolve()
+    print(f"command: {command_line('bench.layers')}\ncpu: {cpu_description()}; {load_average()}", flush=True)
+    print(allocator_as_services(model_dir), flush=True)
+    ckpt = Checkpoint(model_dir)
+    settings = GatewaySettings(model=model_dir)
+    device = settings.torch_device()
+    dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype, device)
+    model = in_passing_thread(lambda: DenseModel.from_checkpoint(ckpt, dtype, device))
+
+    local = in_passing_thread(lambda: local_experts(ckpt, dtype, device))
+    in_process = run_cases(Driver(model, local), args.decode_steps, prefill)
+    del local
+
+    up = start_up(model_dir, args.experts)
+    try:
+        router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1)
+        metrics = {
+            "router": [up.wait_for(r"^\[router-0\] router metrics on (\S+)").group(1)],
+            "expert": [
+                up.wait_for(rf"^\[expert-{i}\.0\] expert metrics on (\S+)").group(1) for i in range(args.experts)
+            ],
+        }
+        client = RouterClient(
+            [router], device, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s, settings.hedge_floor_s
+        )
+        distributed = run_cases(Driver(model, client), args.decode_steps, prefill, service_calls(metrics))
+        client.close()
+    finally:
+        up.stop()
+    rows = []
+    for name, (local_case, _) in in_process.items():
+        case, calls = distributed[name]
+        rows.append([name, f"{local_case.step_ms:.1f}", f"{local_case.moe_ms:.2f}", f"{case.step_ms:.1f}",
+                     f"{case.moe_ms:.2f}", f"{calls['router']:.2f}", f"{calls['expert']:.2f}"])  # fmt: skip
+    header = ["case", "in-process step ms", "in-process MoE layer ms", "up step ms", "up MoE layer ms (gateway waits)",
+              "router -> shard call ms", "shard compute ms"]  # fmt: skip
+    table(header, rows, args.markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,21 @@
+"""`bench.layers` on a real `moemesh up`: each case timed in-process and over the router, and the waits nest
+(a shard's compute within the router's call to it, within what the gateway waits for the layer)."""
+
+import pytest
+
+from bench import layers
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def test_cases_are_timed_on_both_sides_and_the_waits_nest(mixtral_dir, capsys):
+    assert layers.main(["--model", str(mixtral_dir), "--decode-steps", "4", "--prefill", "8", "--markdown"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) == 7 and cells[0] in ("decode, 1 token", "prefill, 8 tokens"):
+            rows[cells[0]] = [float(c) for c in cells[1:]]
+    assert set(rows) == {"decode, 1 token", "prefill, 8 tokens"}
+    for name, (local_step, local_moe, step, moe, router_call, shard) in rows.items():
+        assert 0 < local_moe < local_step, name
+        assert 0 < shard <= router_call <= moe < step, name
