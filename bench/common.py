@@ -68,9 +68,14 @@ class ServiceProcess:
         """Live processes (not zombies) of the session this process leads: 'pid name' each."""
         return [f"{pid} {name}" for pid, name, fields in self._session_stats() if fields[0] != "Z"]
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the session's live processes have used so far."""
-        ticks = sum(int(fields[11]) + int(fields[12]) for _, _, fields in self._session_stats())  # utime, stime
+    def cpu_seconds(self, matching: str = "") -> float:
+        """User + system CPU time the session's live processes (those whose command line holds `matching`) have
+        used so far."""
+        ticks = sum(
+            int(fields[11]) + int(fields[12])  # utime, stime
+            for pid, _, fields in self._session_stats()
+            if not matching or matching in _command_line(pid)
+        )
         return ticks / os.sysconf("SC_CLK_TCK")
 
     def stop(self, timeout_s: float = 60) -> tuple[int | None, list[str]]:
@@ -97,6 +102,13 @@ class ServiceProcess:
         code, left = self.stop()
         line = f"{self.name} stopped with SIGTERM: exit code {code}; processes left: {', '.join(left) or 'none'}"
         return line + (" (killed with SIGKILL)" if left or code is None else "")
+
+
+def _command_line(pid: str) -> str:
+    try:
+        return (Path("/proc") / pid / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
 
 
 def command_line(module: str) -> str:

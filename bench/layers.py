@@ -4,7 +4,7 @@ and at prefill sizes.
 Starts `moemesh up` and rebuilds the gateway's dense model in this process over its router (as
 `bench.throughput`'s profile does), then drives the model directly with one sequence: decode steps after a
 100-token prompt, and prompts of each `--prefill` size (each read once to warm oneDNN's kernels for its
-shape, then timed). For every case it prints the step, what the gateway waits per MoE layer, what the
+shape, then three times, timed). For every case it prints the step, what the gateway waits per MoE layer, what the
 router waits per call to a shard (`moemesh_router_replica_call_seconds`) and what the shards compute per call
 (`moemesh_expert_call_seconds`); the in-process engine (experts in the engine's process) runs the same cases.
 
@@ -22,13 +22,14 @@ from pathlib import Path
 
 import torch
 
-from bench.common import allocator_as_services, command_line, cpu_description, load_average, table
+from bench.common import ServiceProcess, allocator_as_services, command_line, cpu_description, load_average, table
 from bench.throughput import start_up
 from moemesh.checkpoint import Checkpoint
 from moemesh.compute_threads import in_passing_thread
 from moemesh.model import DenseModel, KVCache, RoutedExperts, SequenceSlice, StepBatch
 
 PROMPT_FOR_DECODE = 100
+PREFILL_REPEATS = 3  # prompts of each size timed (median step); CPU times are summed over them
 HISTOGRAMS = {"router": "moemesh_router_replica_call_seconds", "expert": "moemesh_expert_call_seconds"}
 
 
@@ -36,6 +37,7 @@ HISTOGRAMS = {"router": "moemesh_router_replica_call_seconds", "expert": "moemes
 class Case:
     step_ms: float
     moe_ms: float  # per MoE layer, as the engine waits for it
+    steps: int
 
 
 class TimedExperts:
@@ -84,12 +86,12 @@ class Driver:
         for _ in range(steps):
             seconds, token = self.step(cache, [token])
             times.append(seconds)
-        return Case(1000 * statistics.median(times), 1000 * self.timed.seconds / steps / self.moe_layers)
+        return Case(1000 * statistics.median(times), 1000 * self.timed.seconds / steps / self.moe_layers, steps)
 
-    def prefill(self, size: int) -> Case:
+    def prefill(self, size: int, repeats: int) -> Case:
         self.timed.seconds = 0.0
-        _, seconds, _ = self.prompt(size)
-        return Case(1000 * seconds, 1000 * self.timed.seconds / self.moe_layers)
+        times = [self.prompt(size)[1] for _ in range(repeats)]
+        return Case(1000 * statistics.median(times), 1000 * self.timed.seconds / repeats / self.moe_layers, repeats)
 
 
 def run_cases(driver: Driver, decode_steps: int, prefill: list[int], measure=lambda run: (run(), {})) -> dict:
@@ -100,7 +102,7 @@ def run_cases(driver: Driver, decode_steps: int, prefill: list[int], measure=lam
     cases = {"decode, 1 token": measure(lambda: driver.decode(cache, token, decode_steps))}
     for size in prefill:
         driver.prompt(size)
-        cases[f"prefill, {size} tokens"] = measure(lambda size=size: driver.prefill(size))
+        cases[f"prefill, {size} tokens"] = measure(lambda size=size: driver.prefill(size, PREFILL_REPEATS))
     return cases
 
 
@@ -114,19 +116,27 @@ def scrape(address: str, histogram: str) -> tuple[float, float]:
     return totals[0], totals[1]
 
 
-def service_calls(metrics: dict[str, list[str]]):
-    """A `measure` for `run_cases`: the mean ms per call of each service kind's histogram over the run."""
+def service_calls(up: ServiceProcess, metrics: dict[str, list[str]], moe_layers: int):
+    """A `measure` for `run_cases`: the mean ms per call of each service kind's histogram over the run, and the
+    CPU ms per MoE layer of this process (the gateway's engine) and of the cluster's routers and shards."""
+
+    def cpu() -> dict[str, float]:
+        return {"gateway": time.process_time()} | {kind: up.cpu_seconds(f"moemesh.cli {kind}") for kind in metrics}
 
     def measure(run):
         before = {kind: [scrape(a, HISTOGRAMS[kind]) for a in addresses] for kind, addresses in metrics.items()}
-        result = run()
-        means = {}
+        cpu_before = cpu()
+        case = run()
+        cpu_after = cpu()
+        seen = {}
         for kind, addresses in metrics.items():
             after = [scrape(a, HISTOGRAMS[kind]) for a in addresses]
             count = sum(a[0] - b[0] for a, b in zip(after, before[kind]))
             seconds = sum(a[1] - b[1] for a, b in zip(after, before[kind]))
-            means[kind] = 1000 * seconds / count if count else float("nan")
-        return result, means
+            seen[kind] = 1000 * seconds / count if count else float("nan")
+        layers = moe_layers * case.steps
+        seen |= {f"{kind} cpu": 1000 * (cpu_after[kind] - cpu_before[kind]) / layers for kind in cpu_after}
+        return case, seen
 
     return measure
 
@@ -170,17 +180,19 @@ def main(argv: list[str] | None = None) -> int:
         client = RouterClient(
             [router], device, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s, settings.hedge_floor_s
         )
-        distributed = run_cases(Driver(model, client), args.decode_steps, prefill, service_calls(metrics))
+        measure = service_calls(up, metrics, len(ckpt.config.moe_layers))
+        distributed = run_cases(Driver(model, client), args.decode_steps, prefill, measure)
         client.close()
     finally:
         up.stop()
     rows = []
     for name, (local_case, _) in in_process.items():
         case, calls = distributed[name]
+        cpu = " / ".join(f"{calls[f'{kind} cpu']:.2f}" for kind in ("gateway", "router", "expert"))
         rows.append([name, f"{local_case.step_ms:.1f}", f"{local_case.moe_ms:.2f}", f"{case.step_ms:.1f}",
-                     f"{case.moe_ms:.2f}", f"{calls['router']:.2f}", f"{calls['expert']:.2f}"])  # fmt: skip
+                     f"{case.moe_ms:.2f}", f"{calls['router']:.2f}", f"{calls['expert']:.2f}", cpu])  # fmt: skip
     header = ["case", "in-process step ms", "in-process MoE layer ms", "up step ms", "up MoE layer ms (gateway waits)",
-              "router -> shard call ms", "shard compute ms"]  # fmt: skip
+              "router -> shard call ms", "shard compute ms", "CPU ms/layer: gateway/router/shards"]  # fmt: skip
     table(header, rows, args.markdown)
     return 0
 

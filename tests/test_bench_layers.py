@@ -13,9 +13,11 @@ def test_cases_are_timed_on_both_sides_and_the_waits_nest(mixtral_dir, capsys):
     rows = {}
     for line in capsys.readouterr().out.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 7 and cells[0] in ("decode, 1 token", "prefill, 8 tokens"):
-            rows[cells[0]] = [float(c) for c in cells[1:]]
+        if len(cells) == 8 and cells[0] in ("decode, 1 token", "prefill, 8 tokens"):
+            rows[cells[0]] = [float(c) for c in cells[1:7]] + [cells[7]]
     assert set(rows) == {"decode, 1 token", "prefill, 8 tokens"}
-    for name, (local_step, local_moe, step, moe, router_call, shard) in rows.items():
+    for name, (local_step, local_moe, step, moe, router_call, shard, cpu) in rows.items():
         assert 0 < local_moe < local_step, name
         assert 0 < shard <= router_call <= moe < step, name
+        gateway_cpu, router_cpu, shards_cpu = (float(ms) for ms in cpu.split("/"))  # /proc counts in 10 ms ticks
+        assert gateway_cpu > 0 and router_cpu >= 0 and shards_cpu >= 0, name
