@@ -17,6 +17,7 @@ import re
 import statistics
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,10 @@ class Case:
     step_ms: float
     moe_ms: float  # per MoE layer, as the engine waits for it
     steps: int
+
+
+# What `run_cases` calls each case through: (the case, what it saw around it).
+Measure = Callable[[Callable[[], Case]], tuple[Case, dict[str, float]]]
 
 
 class TimedExperts:
@@ -94,7 +99,9 @@ class Driver:
         return Case(1000 * statistics.median(times), 1000 * self.timed.seconds / repeats / self.moe_layers, repeats)
 
 
-def run_cases(driver: Driver, decode_steps: int, prefill: list[int], measure=lambda run: (run(), {})) -> dict:
+def run_cases(
+    driver: Driver, decode_steps: int, prefill: list[int], measure: Measure = lambda run: (run(), {})
+) -> dict[str, tuple[Case, dict[str, float]]]:
     """{case: (Case, what `measure` saw around it)}; every shape is run once untimed first (oneDNN builds its
     kernels per shape, each service its buffers)."""
     cache, _, token = driver.prompt(PROMPT_FOR_DECODE)
@@ -116,14 +123,14 @@ def scrape(address: str, histogram: str) -> tuple[float, float]:
     return totals[0], totals[1]
 
 
-def service_calls(up: ServiceProcess, metrics: dict[str, list[str]], moe_layers: int):
+def service_calls(up: ServiceProcess, metrics: dict[str, list[str]], moe_layers: int) -> Measure:
     """A `measure` for `run_cases`: the mean ms per call of each service kind's histogram over the run, and the
     CPU ms per MoE layer of this process (the gateway's engine) and of the cluster's routers and shards."""
 
     def cpu() -> dict[str, float]:
         return {"gateway": time.process_time()} | {kind: up.cpu_seconds(f"moemesh.cli {kind}") for kind in metrics}
 
-    def measure(run):
+    def measure(run: Callable[[], Case]) -> tuple[Case, dict[str, float]]:
         before = {kind: [scrape(a, HISTOGRAMS[kind]) for a in addresses] for kind, addresses in metrics.items()}
         cpu_before = cpu()
         case = run()

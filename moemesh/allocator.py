@@ -33,6 +33,8 @@ _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TO
 
 
 def configured_by_user(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether glibc's own variables set malloc's thresholds (they are the C library's settings, read by it at
+    start, so they are looked for here and not in moemesh's settings)."""
     return any(name in environ for name in _USER_SETTINGS) or "glibc.malloc" in environ.get("GLIBC_TUNABLES", "")
 
 
