@@ -10,7 +10,7 @@ import grpc
 import pytest
 import torch
 
-from moemesh import codec
+from moemesh import codec, peers
 from moemesh.errors import DeadlineExceeded, InvalidArgument, PeerUnreachable, Unavailable
 from moemesh.peers import Attempt, Chooser, HedgedCall, Peer
 from moemesh.rpc import StreamClient
@@ -108,7 +108,8 @@ def test_a_restarted_peer_is_reached_on_a_later_round():
     assert answer_of(one_part_call([restarting])) == ["answer"]
 
 
-def test_an_error_a_peer_answered_with_is_not_resent():
+def test_an_error_a_peer_answered_with_is_not_resent(monkeypatch):
+    monkeypatch.setattr(peers, "EXPLORE", 0.0)  # the fast peer is chosen first, never a random idle one
     refusing = peer("refusing", lambda r: Unavailable("no live expert replica holds layer 1 expert 3"))
     other = peer("other", lambda r: "answer")
     refusing.latency.observe(0.0001, 1)
@@ -123,7 +124,8 @@ def test_the_deadline_bounds_the_call():
         answer_of(one_part_call([peer("hung", floor_s=5.0)], timeout_s=0.2))
 
 
-def test_other_errors_are_not_resent():
+def test_other_errors_are_not_resent(monkeypatch):
+    monkeypatch.setattr(peers, "EXPLORE", 0.0)  # the fast peer is chosen first, never a random idle one
     bad = peer("bad", lambda r: InvalidArgument("hidden: wrong shape"))
     other = peer("other", lambda r: "answer")
     bad.latency.observe(0.0001, 1)
