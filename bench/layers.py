@@ -8,6 +8,10 @@ shape, then three times, timed). For every case it prints the step, what the gat
 router waits per call to a shard (`moemesh_router_replica_call_seconds`) and what the shards compute per call
 (`moemesh_expert_call_seconds`); the in-process engine (experts in the engine's process) runs the same cases.
 
+Before those, on streams no call has used yet, it calls the router alone, back to back, layer after layer, with
+random hidden states of one token and of each prefill size: the hops and the shards with no dense part between
+them, and each service's handler threads as they are when a cluster starts.
+
     .venv/bin/python -m bench.layers [--model DIR] [--experts 2] [--decode-steps 40] [--prefill 32,128,256]
         [--markdown]
 """
@@ -17,7 +21,7 @@ import re
 import statistics
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -99,6 +103,18 @@ class Driver:
         return Case(1000 * statistics.median(times), 1000 * self.timed.seconds / repeats / self.moe_layers, repeats)
 
 
+def call_router(client: RoutedExperts, layers: Sequence[int], hidden: torch.Tensor, rounds: int) -> Case:
+    """`rounds` calls per MoE layer, one after the other; the case's step and MoE layer are the mean call."""
+    for layer in layers:  # each layer's buffers, untimed
+        client.submit(layer, hidden, None)()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        for layer in layers:
+            client.submit(layer, hidden, None)()
+    ms = 1000 * (time.perf_counter() - start) / (rounds * len(layers))
+    return Case(ms, ms, rounds)
+
+
 def run_cases(
     driver: Driver, decode_steps: int, prefill: list[int], measure: Measure = lambda run: (run(), {})
 ) -> dict[str, tuple[Case, dict[str, float]]]:
@@ -157,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     prefill = [int(p) for p in args.prefill.split(",") if p.strip()]
+    rounds = args.decode_steps  # router-alone calls per MoE layer and size
     from moemesh import demo_model
     from moemesh.settings import GatewaySettings
     from services.gateway.router_client import RouterClient
@@ -170,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     device = settings.torch_device()
     dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype, device)
     model = in_passing_thread(lambda: DenseModel.from_checkpoint(ckpt, dtype, device))
+    generator = torch.Generator().manual_seed(0)
+
+    def random_hidden(tokens: int) -> torch.Tensor:
+        return torch.randn(tokens, ckpt.config.hidden_size, generator=generator).to(dtype)
 
     local = in_passing_thread(lambda: local_experts(ckpt, dtype, device))
     in_process = run_cases(Driver(model, local), args.decode_steps, prefill)
@@ -188,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
             [router], device, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s, settings.hedge_floor_s
         )
         measure = service_calls(up, metrics, len(ckpt.config.moe_layers))
+        alone = {
+            size: measure(lambda size=size: call_router(client, ckpt.config.moe_layers, random_hidden(size), rounds))
+            for size in [1, *prefill]
+        }
         distributed = run_cases(Driver(model, client), args.decode_steps, prefill, measure)
         client.close()
     finally:
@@ -200,6 +225,15 @@ def main(argv: list[str] | None = None) -> int:
                      f"{case.moe_ms:.2f}", f"{calls['router']:.2f}", f"{calls['expert']:.2f}", cpu])  # fmt: skip
     header = ["case", "in-process step ms", "in-process MoE layer ms", "up step ms", "up MoE layer ms (gateway waits)",
               "router -> shard call ms", "shard compute ms", "CPU ms/layer: gateway/router/shards"]  # fmt: skip
+    table(header, rows, args.markdown)
+    print("\nrouter alone: calls back to back, layer after layer, random hidden states (run first)")
+    rows = []
+    for size, (case, calls) in alone.items():
+        cpu = " / ".join(f"{calls[f'{kind} cpu']:.2f}" for kind in ("gateway", "router", "expert"))
+        rows.append([f"{size} token{'s' if size > 1 else ''}", f"{case.step_ms:.2f}", f"{calls['router']:.2f}",
+                     f"{calls['expert']:.2f}", cpu])  # fmt: skip
+    header = ["hidden states of", "call ms", "router -> shard call ms", "shard compute ms",
+              "CPU ms/call: caller/router/shards"]  # fmt: skip
     table(header, rows, args.markdown)
     return 0
 

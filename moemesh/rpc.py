@@ -15,6 +15,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from moemesh import tls
+from moemesh.compute_threads import adopt_torch_threads
 from moemesh.errors import MoemeshError, PeerUnreachable, from_status, status_code
 from moemesh.v1 import call_pb2
 
@@ -116,9 +117,9 @@ class Service:
     ):
         self.name = name
         options = list((dict(SERVER_OPTIONS) | {"grpc.max_receive_message_length": max_receive_bytes}).items())
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=workers), options=options, interceptors=interceptors
-        )
+        # Handlers compute (an expert's matmuls, a router's gates) on the configured torch threads.
+        handlers = futures.ThreadPoolExecutor(max_workers=workers, initializer=adopt_torch_threads)
+        self.server = grpc.server(handlers, options=options, interceptors=interceptors)
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from moemesh import tracing
+from moemesh.compute_threads import adopt_torch_threads
 from moemesh.errors import Cancelled, DeadlineExceeded, InvalidArgument, MoemeshError, ResourceExhausted, Unavailable
 from moemesh.model import DenseModel, KVCache, RoutedExperts, SequenceSlice, StepBatch
 from services.gateway import metrics
@@ -225,6 +226,7 @@ class Engine:
             self._wakeup.notify()
 
     def _loop(self) -> None:
+        adopt_torch_threads()
         try:
             self._run()
         except BaseException:
