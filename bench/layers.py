@@ -12,8 +12,8 @@ Before those, on streams no call has used yet, it calls the router alone, back t
 random hidden states of one token and of each prefill size: the hops and the shards with no dense part between
 them, and each service's handler threads as they are when a cluster starts.
 
-    .venv/bin/python -m bench.layers [--model DIR] [--experts 2] [--decode-steps 40] [--prefill 32,128,256]
-        [--markdown]
+    .venv/bin/python -m bench.layers [--model DIR] [--experts 2] [--replicas 1] [--decode-steps 40]
+        [--prefill 32,128,256] [--markdown]
 """
 
 import argparse
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.layers", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled demo model)")
     parser.add_argument("--experts", type=int, default=2, help="expert shards of the cluster (default 2)")
+    parser.add_argument("--replicas", type=int, default=1, help="replicas of each shard (default 1)")
     parser.add_argument("--decode-steps", type=int, default=40)
     parser.add_argument("--prefill", default="32,128,256", help="prompt sizes, comma-separated")
     parser.add_argument("--markdown", action="store_true")
@@ -196,13 +197,15 @@ def main(argv: list[str] | None = None) -> int:
     in_process = run_cases(Driver(model, local), args.decode_steps, prefill)
     del local
 
-    up = start_up(model_dir, args.experts)
+    up = start_up(model_dir, args.experts, replicas=args.replicas)
     try:
         router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1)
         metrics = {
             "router": [up.wait_for(r"^\[router-0\] router metrics on (\S+)").group(1)],
             "expert": [
-                up.wait_for(rf"^\[expert-{i}\.0\] expert metrics on (\S+)").group(1) for i in range(args.experts)
+                up.wait_for(rf"^\[expert-{i}\.{r}\] expert metrics on (\S+)").group(1)
+                for i in range(args.experts)
+                for r in range(args.replicas)
             ],
         }
         client = RouterClient(

@@ -267,11 +267,12 @@ def run_in_process(model: Path, levels: list[int], requests: Sequence[Request], 
 
 
 def start_up(
-    model: Path, experts: int, service_threads: int = 0, extra_env: dict[str, str] | None = None
+    model: Path, experts: int, service_threads: int = 0, extra_env: dict[str, str] | None = None, replicas: int = 1
 ) -> ServiceProcess:
     """`moemesh up` in a new session (so that everything it starts can be found and checked at the end), its
     environment this process's plus `extra_env`."""
     argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--experts", str(experts), "--port", "0"]
+    argv += ["--replicas", str(replicas)] if replicas > 1 else []
     argv += ["--threads", str(service_threads)] if service_threads else []
     env = os.environ | (extra_env or {})
     return ServiceProcess("moemesh up", argv, env)

@@ -49,7 +49,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=0,
-        help="torch threads of each service (default 0: all cores for the gateway, cores / expert shards for the rest)",
+        help="torch threads of each service (default 0: all cores for the gateway, cores / expert replicas else)",
     )
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=50051, help="gateway port (0: a free one)")

@@ -250,10 +250,10 @@ class ClusterSpec:
     threads: int = 0  # torch threads of each service; 0: see `service_threads` and `gateway_threads`
 
     def service_threads(self) -> int:
-        """The shards compute side by side and the routers while they wait, so the cores are shared out among
-        the shards: on 2 cores with 2 shards, 1 thread each gave 271 tok/s at 16 streams against 214 with 2
-        threads each (docs/benchmarks.md), as threads beyond a free core only wait."""
-        return self.threads or max(1, hardware.available_cores() // self.experts)
+        """The shards' replicas compute side by side and the routers while they wait, so the cores are shared
+        out among the replicas: on 2 cores with 2 shards, 1 thread each gave 271 tok/s at 16 streams against
+        214 with 2 threads each (docs/benchmarks.md), as threads beyond a free core only wait."""
+        return self.threads or max(1, hardware.available_cores() // (self.experts * self.replicas))
 
     def gateway_threads(self) -> int:
         """The gateway gets every core: its largest matmuls (the LM head, read whole at every step) are

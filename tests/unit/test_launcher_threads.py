@@ -10,10 +10,13 @@ from moemesh.launcher import ClusterSpec
 pytestmark = pytest.mark.timeout(10)
 
 
-@pytest.mark.parametrize(("cores", "experts", "gateway", "others"), [(2, 2, 2, 1), (8, 2, 8, 4), (2, 4, 2, 1)])
-def test_default_threads(monkeypatch, cores, experts, gateway, others):
+@pytest.mark.parametrize(
+    ("cores", "experts", "replicas", "gateway", "others"),
+    [(2, 2, 1, 2, 1), (8, 2, 1, 8, 4), (2, 4, 1, 2, 1), (2, 1, 2, 2, 1), (8, 2, 2, 8, 2)],
+)
+def test_default_threads(monkeypatch, cores, experts, replicas, gateway, others):
     monkeypatch.setattr(hardware, "available_cores", lambda: cores)
-    spec = ClusterSpec(model=Path("m"), experts=experts)
+    spec = ClusterSpec(model=Path("m"), experts=experts, replicas=replicas)
     assert (spec.gateway_threads(), spec.service_threads()) == (gateway, others)
 
 
