@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
+from moemesh.launcher import ClusterSpec
 from moemesh.rpc import CHANNEL_OPTIONS, KEEPALIVE_TIME_MS, KEEPALIVE_TIMEOUT_MS
 from moemesh.v1 import expert_pb2, expert_pb2_grpc, gateway_pb2, router_pb2, router_pb2_grpc, tensor_pb2
 from tests.helpers import Cluster, ExpertProcess, GatewayProcess, RouterProcess
@@ -149,7 +150,9 @@ def served(address: str) -> int:
 @pytest.mark.timeout(300)
 def test_a_slow_replica_loses_its_traffic_and_no_request_fails(mixtral_dir):
     cluster = Cluster(mixtral_dir, "--experts", "2", "--dtype", "float32")
-    slow = ExpertProcess(mixtral_dir, "0/2", cluster.redis, "--fault-slowdown", "10")
+    # As many threads as `up` gives its shards, so that both replicas of shard 0/2 start equally fast.
+    threads = ClusterSpec(model=mixtral_dir, experts=2).service_threads()
+    slow = ExpertProcess(mixtral_dir, "0/2", cluster.redis, "--fault-slowdown", "10", "--threads", str(threads))
     normal = cluster.experts[0]  # the other replica of shard 0/2
     stop, failures, done = threading.Event(), [], []
 
