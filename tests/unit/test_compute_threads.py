@@ -39,8 +39,8 @@ def test_raises_the_work_s_exception():
 
 def _openmp_threads_of_this_thread() -> int:
     """OpenMP's thread count for the calling thread, read from torch's libgomp itself: asking torch
-    (`torch.get_num_threads`) would set it first. Other libraries may load a libgomp of their own (the
-    tokenizers' tests do), so the one in torch's directory is read where there is one."""
+    (`torch.get_num_threads`) would set it first. Other libraries may load a libgomp of their own
+    (`sentencepiece` does), so the one in torch's directory is read where there is one."""
     loaded = sorted({name for name in Path("/proc/self/maps").read_text().split() if "/libgomp" in name})
     torch_dir = str(Path(torch.__file__).parent)
     libgomp = next((name for name in loaded if name.startswith(torch_dir)), loaded[0])
