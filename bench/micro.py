@@ -4,6 +4,11 @@
   again for every token, at 256 and 2048 generated tokens;
 - SwiGLU MLP: the fused gate+up projection against separate gate and up matmuls, fp32 and bf16, at
   1, 4 and 32 rows (one routed expert's shape of the demo model: hidden 256, intermediate 512);
+- attention projections: one q+k+v matmul against three, at the benchmark model's shapes (hidden 1024, 16 query
+  and 4 KV heads of 64), in the compute dtype `--dtype auto` picks here, packed where moemesh packs;
+- weights in memory: a bf16 checkpoint's linears computed from fp32 weights (what `--dtype auto` does on CPUs
+  without native bf16), from bf16 weights in bf16, and from bf16 weights upcast to fp32 at each call, at
+  1 to 128 rows;
 - LM head: `F.linear` with the weight as checkpoints store it ([vocab, hidden], row-major) against the
   same values over a [hidden, vocab] buffer, as `DenseModel` keeps it (the demo model's 129,280 x 256);
 - packed linears: `F.linear` on a bf16 weight against `PackedLinear` (the weight packed once for oneDNN), for
@@ -138,6 +143,60 @@ def packed_linear(markdown: bool) -> None:
            "packed GB/s"], rows, markdown)  # fmt: skip
 
 
+def _out_of_cache(weights: list[torch.Tensor]) -> int:
+    """How many copies of a weight set of these shapes fill ~400 MB, so that each call reads from memory."""
+    return max(2, 400_000_000 // sum(w.numel() * w.element_size() for w in weights))
+
+
+def fused_qkv(markdown: bool) -> None:
+    from moemesh.hardware import auto_compute_dtype
+    from moemesh.packed import PackedLinear, packing_supported
+
+    cpu = torch.device("cpu")
+    dtype = auto_compute_dtype(torch.bfloat16, cpu)
+    linear = PackedLinear.__call__ if packing_supported(dtype, cpu) else F.linear
+    as_used = PackedLinear if linear is not F.linear else (lambda w: w)
+    hidden, sizes = 1024, [1024, 256, 256]
+    copies = _out_of_cache([torch.empty(sum(sizes), hidden, dtype=dtype)])
+    separate = [as_used(torch.randn(n, hidden).to(dtype)) for _ in range(copies) for n in sizes]
+    fused = [as_used(torch.randn(sum(sizes), hidden).to(dtype)) for _ in range(copies)]
+    rows = []
+    for n in (1, 8, 32, 128):
+        x = torch.randn(n, hidden).to(dtype)
+        with torch.inference_mode():
+            a = _median_us(partial(_each, linear, separate, x), 5) / copies
+            b = _median_us(partial(_each, linear, fused, x), 5) / copies
+        rows.append([str(dtype).removeprefix("torch."), str(n), f"{a:.1f}", f"{b:.1f}", f"{b / a:.2f}"])
+    table(["dtype", "rows", "q, k, v us", "qkv us", "qkv/separate"], rows, markdown)
+
+
+def weights_in_memory(markdown: bool) -> None:
+    from moemesh.hardware import auto_compute_dtype
+
+    print(f"--dtype auto computes a bf16 checkpoint in {auto_compute_dtype(torch.bfloat16, torch.device('cpu'))} "
+          f"here (ATen: {torch.backends.cpu.get_cpu_capability()})")  # fmt: skip
+    sides = {
+        "fp32 weights": (torch.float32, torch.float32, F.linear),
+        "bf16 weights, bf16 compute": (torch.bfloat16, torch.bfloat16, F.linear),
+        "bf16 weights upcast per call": (torch.bfloat16, torch.float32, lambda x, w: F.linear(x, w.float())),
+    }
+    rows = []
+    for name, inputs, outputs in (("expert gate+up", 1024, 5632), ("LM head", 1024, 32000)):
+        copies = _out_of_cache([torch.empty(outputs, inputs)])
+        values = [torch.randn(outputs, inputs).to(torch.bfloat16) for _ in range(copies)]
+        for n in (1, 8, 32, 128):
+            ms = []
+            for stored, computed, linear in sides.values():
+                weights = [w.to(stored) for w in values]
+                x = torch.randn(n, inputs).to(computed)
+                with torch.inference_mode():
+                    ms.append(_median_us(partial(_each, linear, weights, x), 3) / copies / 1000)
+                del weights
+            rows.append([name, str(n), *(f"{t:.3f}" for t in ms)])
+        del values
+    table(["projection", "rows", *(f"{side} ms" for side in sides)], rows, markdown)
+
+
 def _attention_in(dtype: torch.dtype, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None):
     """q [n, H, D], k and v [L, K, D], attended in `dtype`; the output back in q's dtype."""
     q_, k_, v_ = (t.to(dtype).transpose(0, 1)[None] for t in (q, k, v))
@@ -170,6 +229,10 @@ def main(argv: list[str] | None = None) -> int:
     detokenization(args.markdown)
     print()
     fused_mlp(args.markdown)
+    print()
+    fused_qkv(args.markdown)
+    print()
+    weights_in_memory(args.markdown)
     print()
     lm_head_layout(args.markdown)
     print()

@@ -190,19 +190,18 @@ class Attention(nn.Module):
         super().__init__()
         self.layer, self.cfg, self.window = layer, cfg, cfg.window(layer)
         q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, q, bias=cfg.qkv_bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, kv, bias=cfg.qkv_bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, kv, bias=cfg.qkv_bias)
+        self.qkv_sizes = [q, kv, kv]
+        # One matmul for q, k and v (checkpoints store them apart: concatenated when loaded), as for gate+up.
+        self.qkv_proj = nn.Linear(cfg.hidden_size, q + 2 * kv, bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q, cfg.hidden_size, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self._register_load_state_dict_pre_hook(_fuse_on_load(["q_proj", "k_proj", "v_proj"], "qkv_proj"))
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos, sin, slices: list[SequenceSlice]):
         t, dh = x.shape[0], self.cfg.head_dim
-        q = self.q_proj(x).view(t, -1, dh)  # [T, H, Dh]
-        k = self.k_proj(x).view(t, -1, dh)  # [T, K, Dh]
-        v = self.v_proj(x).view(t, -1, dh)
+        q, k, v = (p.view(t, -1, dh) for p in self.qkv_proj(x).split(self.qkv_sizes, dim=-1))  # [T, H|K, Dh]
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope.apply(q, cos, sin), rope.apply(k, cos, sin)
@@ -266,18 +265,24 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self._register_load_state_dict_pre_hook(_fuse_gate_up)
+        self._register_load_state_dict_pre_hook(_fuse_on_load(["gate_proj", "up_proj"], "gate_up_proj"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
 
-def _fuse_gate_up(state_dict: dict[str, torch.Tensor], prefix: str, *_) -> None:
-    """A checkpoint's separate `gate_proj`/`up_proj` weights become the fused `gate_up_proj` weight."""
-    gate, up = f"{prefix}gate_proj.weight", f"{prefix}up_proj.weight"
-    if gate in state_dict and up in state_dict:
-        state_dict[f"{prefix}gate_up_proj.weight"] = torch.cat((state_dict.pop(gate), state_dict.pop(up)))
+def _fuse_on_load(parts: list[str], fused: str) -> Callable[..., None]:
+    """A load-state-dict pre-hook: a checkpoint's separate projections `parts` (weights, and biases where they
+    have them) become the one `fused` projection, their outputs stacked in that order."""
+
+    def hook(state_dict: dict[str, torch.Tensor], prefix: str, *_) -> None:
+        for param in ("weight", "bias"):
+            names = [f"{prefix}{part}.{param}" for part in parts]
+            if all(name in state_dict for name in names):
+                state_dict[f"{prefix}{fused}.{param}"] = torch.cat([state_dict.pop(name) for name in names])
+
+    return hook
 
 
 class Gate(nn.Module):

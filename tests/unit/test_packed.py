@@ -69,7 +69,7 @@ def test_bf16_model_loads_packed_and_decodes_as_unpacked(tmp_path, monkeypatch):
     prompt = [(37 * i + 11) % 500 for i in range(12)]
     tokens, logits = stepwise_logits(model_dir, routed, prompt, 8, dtype=BF16)
     dense = DenseModel.from_checkpoint(Checkpoint(model_dir), BF16, CPU)
-    assert type(dense.lm_head) is PackedLinear and type(dense.layers[0].self_attn.q_proj) is PackedLinear
+    assert type(dense.lm_head) is PackedLinear and type(dense.layers[0].self_attn.qkv_proj) is PackedLinear
 
     monkeypatch.setattr(packed, "packing_supported", lambda dtype, device: False)
     monkeypatch.setattr(model_module, "packing_supported", lambda dtype, device: False)
