@@ -31,7 +31,7 @@ and 16-64 new tokens; fixed at 1,8 streams, 8 requests of 32 new tokens; the ope
 
     .venv/bin/python -m bench.compare [--model DIR] [--workload mixed,fixed,openloop] [--quick]
         [--concurrency 1,8,32,64] [--max-new-tokens 64] [--requests N] [--mixed-requests 32]
-        [--sides in-process,moemesh-up,llama.cpp,transformers-batch,transformers-serial] [--experts 2]
+        [--sides in-process,moemesh-up,llama.cpp,transformers-batch,transformers-serial] [--experts 2] [--routers 1]
         [--load 0.5] [--markdown] [--plot docs/bench-compare.png]
 """
 
@@ -141,30 +141,36 @@ def ratio_rows(name: str, by_side: BySide) -> tuple[list[list[str]], Reached]:
 
 
 def run_open_loop(model: Path, experts: int, requests: list[Request], vocab_size: int, levels: list[int],
-                  load: float, fixed: BySide) -> tuple[LevelResult, LevelResult, LevelResult, float]:  # fmt: skip
+                  load: float, fixed: BySide,
+                  routers: int = 1) -> tuple[LevelResult, LevelResult, LevelResult, float]:  # fmt: skip
     """(lone, capacity, open loop, arrival rate) of `moemesh up`: the lone and capacity runs are the fixed
     workload's at 1 and at the most streams when it ran, else measured here in one cluster."""
     measured = {level.concurrency: level for level in fixed.get(UP, [])}
     if not {1, max(levels)} <= measured.keys():
-        runs = run_distributed(model, experts, [1, max(levels)], requests, vocab_size, False, 0, side=UP)[0]
+        runs = run_distributed(model, experts, [1, max(levels)], requests, vocab_size, False, 0, side=UP,
+                               routers=routers)[0]  # fmt: skip
         measured = {level.concurrency: level for level in runs}
     lone, capacity = measured[1], measured[max(levels)]
     rate = openloop.arrival_rate(capacity, load)
     print(f"open loop: moemesh up at {load:g} x capacity = {rate:.2f} requests/s; {load_average()}", flush=True)
-    [opened] = run_distributed(model, experts, [0], requests, vocab_size, False, 0, side=UP, arrival_rate=rate)[0]
+    [opened] = run_distributed(model, experts, [0], requests, vocab_size, False, 0, side=UP, arrival_rate=rate,
+                               routers=routers)[0]  # fmt: skip
     return lone, capacity, opened, rate
 
 
-def side_runners(model: Path, experts: int, vocab_size: int, binary: Path, gguf: Path) -> dict[str, tuple[str, Runner]]:
+def side_runners(
+    model: Path, experts: int, vocab_size: int, binary: Path, gguf: Path, routers: int = 1
+) -> dict[str, tuple[str, Runner]]:
     return {
         "in-process": (
             "in-process (experts in the engine's process, no gRPC)",
             lambda levels, requests: run_in_process(model, levels, requests, vocab_size, profile=False)[0],
         ),
         "moemesh-up": (
-            f"moemesh up --experts {experts} (GenerateStream over gRPC)",
+            f"moemesh up --experts {experts} --routers {routers} (GenerateStream over gRPC)",
             lambda levels, requests: run_distributed(
-                model, experts, levels, requests, vocab_size, profile=False, service_threads=0, side=UP
+                model, experts, levels, requests, vocab_size, profile=False, service_threads=0, side=UP,
+                routers=routers,
             )[0],
         ),
         llamacpp.SIDE: (
@@ -200,6 +206,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--mixed-prompt", help="mixed prompt tokens, low,high (default 16,256; quick: 16,128)")
     parser.add_argument("--mixed-new", help="mixed new tokens, low,high (default 16,128; quick: 16,64)")
     parser.add_argument("--experts", type=int, default=2, help="expert shards of `moemesh up` (default 2)")
+    parser.add_argument(
+        "--routers", type=int, default=1, help="routers of `moemesh up` (default 1; 0: the gateway routes itself)"
+    )
     parser.add_argument("--load", type=float, default=0.5, help="open loop's arrival rate, x capacity (default 0.5)")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"default {','.join(SIDES)}")
     parser.add_argument("--quick", action="store_true", help="the small run described below")
@@ -214,6 +223,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.side_list = list(dict.fromkeys(s.strip() for s in args.sides.split(",") if s.strip()))
     if not args.levels or min(args.levels) < 1 or min(args.max_new_tokens, args.experts, args.mixed_requests) < 1:
         parser.error("--concurrency, --max-new-tokens, --mixed-requests and --experts must be positive")
+    if args.routers < 0:
+        parser.error("--routers must be 0 or more")
     for given, known, option in ((args.side_list, SIDES, "--sides"), (args.workloads, WORKLOADS, "--workload")):
         if unknown := set(given) - set(known):
             parser.error(f"unknown {option} {', '.join(sorted(unknown))}; choose from {', '.join(known)}")
@@ -260,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{mixed_floor_s:.2f} s ({sum(r.max_new for r in mixed) / mixed_floor_s:.0f} useful tok/s)",
         flush=True,
     )  # fmt: skip
-    runs = side_runners(model, args.experts, cfg.vocab_size, binary, gguf)
+    runs = side_runners(model, args.experts, cfg.vocab_size, binary, gguf, args.routers)
     plan = [
         Workload("mixed", mixed, [len(mixed)], args.side_list),
         Workload("fixed", fixed, args.levels, [s for s in args.side_list if s != hf.SERIAL]),
@@ -269,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     opened = None
     if "openloop" in args.workloads:
         opened = run_open_loop(model, args.experts, fixed, cfg.vocab_size, args.levels, args.load,
-                               results.get("fixed", {}))  # fmt: skip
+                               results.get("fixed", {}), args.routers)  # fmt: skip
     print(f"done; {load_average()}", flush=True)
 
     def floor_s(name: str, level: LevelResult) -> float:

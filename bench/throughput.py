@@ -267,12 +267,18 @@ def run_in_process(model: Path, levels: list[int], requests: Sequence[Request], 
 
 
 def start_up(
-    model: Path, experts: int, service_threads: int = 0, extra_env: dict[str, str] | None = None, replicas: int = 1
+    model: Path,
+    experts: int,
+    service_threads: int = 0,
+    extra_env: dict[str, str] | None = None,
+    replicas: int = 1,
+    routers: int = 1,
 ) -> ServiceProcess:
     """`moemesh up` in a new session (so that everything it starts can be found and checked at the end), its
-    environment this process's plus `extra_env`."""
+    environment this process's plus `extra_env`; `routers=0`: the gateway routes itself."""
     argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model), "--experts", str(experts), "--port", "0"]
     argv += ["--replicas", str(replicas)] if replicas > 1 else []
+    argv += ["--routers", str(routers)] if routers != 1 else []
     argv += ["--threads", str(service_threads)] if service_threads else []
     env = os.environ | (extra_env or {})
     return ServiceProcess("moemesh up", argv, env)
@@ -289,17 +295,19 @@ def _scrape_step_stats(address: str) -> tuple[float, float]:
 
 def run_distributed(model: Path, experts: int, levels: list[int], requests: Sequence[Request], vocab_size: int,
                     profile: bool, service_threads: int, extra_env: dict[str, str] | None = None,
-                    side: str = "distributed",
-                    arrival_rate: float = 0.0) -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
+                    side: str = "distributed", arrival_rate: float = 0.0,
+                    routers: int = 1) -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
     import grpc
 
     from moemesh.rpc import CHANNEL_OPTIONS
     from moemesh.v1 import gateway_pb2, gateway_pb2_grpc
 
-    up = start_up(model, experts, service_threads, extra_env)
+    if profile and not routers:
+        raise ValueError("the profile drives the engine over the cluster's router: it needs routers")
+    up = start_up(model, experts, service_threads, extra_env, routers=routers)
     try:
         address = up.wait_for(r"^gateway listening on (\S+)").group(1)
-        router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1)
+        router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1) if routers else "none (the gateway routes)"
         metrics = up.wait_for(r"gateway metrics on (\S+)").group(1)
         print(f"  cluster up: gateway {address}, router {router}, {experts} expert shards", flush=True)
         channel = grpc.insecure_channel(address, options=CHANNEL_OPTIONS)

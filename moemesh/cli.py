@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,11 +23,17 @@ SERVICES = {
 }
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _at_least(least: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"must be at least {least}, got {value}")
+        return value
+
+    return parse
+
+
+_positive = _at_least(1)
 
 
 def settings_class(service: str) -> type:
@@ -44,7 +51,13 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     up.add_argument("--model", type=Path, help="checkpoint directory (default: the shipped demo bot)")
     up.add_argument("--experts", type=_positive, default=2, help="expert shards")
     up.add_argument("--replicas", type=_positive, default=1, help="replicas of each shard")
-    up.add_argument("--routers", type=_positive, default=1, help="routers (the gateway fails over between them)")
+    up.add_argument(
+        "--routers",
+        type=_at_least(0),
+        default=1,
+        help="routers (the gateway fails over between them); 0: the gateway gates and calls the expert shards "
+        "itself, one hop per MoE layer instead of two",
+    )
     up.add_argument(
         "--threads",
         type=int,

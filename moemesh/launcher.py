@@ -237,7 +237,7 @@ class ClusterSpec:
     model: Path
     experts: int = 2
     replicas: int = 1
-    routers: int = 1
+    routers: int = 1  # 0: the gateway routes itself (calls the expert shards directly)
     host: str = "127.0.0.1"
     port: int = 50051
     redis_url: str | None = None
@@ -297,8 +297,9 @@ def _start(cluster: Cluster, spec: ClusterSpec, redis_dir: Path) -> tuple[Child,
         _service(f"router-{i}", "router", router_flags | {"port": _free_port(spec.host)}) for i in range(spec.routers)
     ]
     router_addresses = ",".join(child.address for child in _start_group(cluster, routers))
-    gateway_flags = {"router": router_addresses, "redis": redis_url, "port": spec.port, "metrics-port": 0,
-                     "threads": spec.gateway_threads()}  # fmt: skip
+    experts_at = {"router": router_addresses} if routers else {"registry": redis_url}  # no routers: it routes itself
+    gateway_flags = experts_at | {"redis": redis_url, "port": spec.port, "metrics-port": 0,
+                                  "threads": spec.gateway_threads()}  # fmt: skip
     gateway = cluster.start(_service("gateway", "gateway", common | gateway_flags, GATEWAY_ENV))
     return gateway, supervised + experts + routers
 

@@ -6,6 +6,7 @@ summed back per token with their gate weights, experts in ascending order as `tr
 Shapes: T = tokens, D = hidden, A = active experts per token, R = T * A routed rows.
 """
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -81,6 +82,7 @@ class RoutedMoE:
             return plan.combine(outputs, hidden.shape[0])
 
     def submit(self, layer: int, hidden: torch.Tensor, deadline: float | None) -> Callable[[], torch.Tensor]:
-        """`RoutedExperts` in one process: the work is done before this returns."""
-        output = self(layer, hidden)
+        """`RoutedExperts` from this process (the experts here, or called directly over gRPC): the work is done
+        before this returns, within what is left of `deadline`."""
+        output = self(layer, hidden, None if deadline is None else max(0.0, deadline - time.monotonic()))
         return lambda: output

@@ -133,7 +133,14 @@ class RouterSettings(ServiceSettings):
 
 class GatewaySettings(ServiceSettings):
     router: str | None = Field(
-        None, description="router addresses, comma-separated (failover in order); unset: experts in this process"
+        None,
+        description="router addresses, comma-separated (failover in order); unset: this gateway routes itself, to "
+        "the expert services of `registry`, or without one to experts in this process",
+    )
+    registry: str | None = Field(
+        None,
+        description="Redis URL where expert replicas announce themselves, for a gateway without routers: it gates "
+        "and calls the expert services itself, one hop per MoE layer instead of two",
     )
     redis: str | None = Field(None, description="Redis URL for sessions")
     max_batch_seqs: int = Field(64, description="most sequences in one engine step")
@@ -160,9 +167,15 @@ class GatewaySettings(ServiceSettings):
     default_max_new_tokens: int = Field(64, description="max_new_tokens when a request leaves it unset")
     max_new_tokens_limit: int = Field(4096, description="largest max_new_tokens a request may ask for")
     max_context: int = Field(0, description="longest prompt + completion; 0: the model's max_position_embeddings")
-    router_timeout_s: float = Field(60.0, description="deadline of one router call")
+    router_timeout_s: float = Field(
+        60.0,
+        description="deadline of one router call (with registry: of one MoE layer's expert calls), and how long "
+        "start waits for a router to answer (with registry: for every expert to have a replica)",
+    )
     hedge_floor_s: float = Field(
-        1.0, description="least time a router call gets before it is hedged to another router (budget: 3 x p99)"
+        1.0,
+        description="least time a router call (with registry: an expert call) gets before it is hedged to another "
+        "router (replica) (budget: 3 x p99)",
     )
     max_concurrent_requests: int = Field(
         256, description="most Gateway calls at once, beyond: RESOURCE_EXHAUSTED (health checks keep threads apart)"
@@ -193,6 +206,12 @@ class GatewaySettings(ServiceSettings):
     fault_engine_crash_after_s: float = Field(
         0.0, description="fault injection for tests: the engine thread dies this many seconds after start; 0: never"
     )
+
+    @model_validator(mode="after")
+    def _one_way_to_the_experts(self) -> "GatewaySettings":
+        if self.router and self.registry:
+            raise ValueError("router and registry: set one (registry: this gateway calls the expert services itself)")
+        return self
 
 
 def add_flags(parser: argparse.ArgumentParser, settings_cls: type[BaseSettings]) -> None:

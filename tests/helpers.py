@@ -8,13 +8,15 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import torch
 
+from moemesh import launcher
 from moemesh.demo_model import write_tokenizer
 from moemesh.rpc import CHANNEL_OPTIONS
-from moemesh.tls import Tls, open_channel
+from moemesh.tls import PLAINTEXT, Tls, open_channel
 from moemesh.v1 import gateway_pb2_grpc
 
 DEEPSEEK_VOCAB = 129280
@@ -133,10 +135,12 @@ class Cluster:
         self.up = UpProcess(model_dir, *args, env=env)
         self.address = self.up.wait_for(r"^gateway listening on (\S+)").group(1)
         self.experts = self._ready_addresses("expert")  # by shard.replica
-        self.routers = self._ready_addresses("router")
-        self.router = self.routers[0]
+        self.routers = self._ready_addresses("router")  # none with `--routers 0`
+        self.router = self.routers[0] if self.routers else None
         self.metrics = self.up.wait_for(r"gateway metrics on (\S+)").group(1)
-        self.router_metrics = self.up.wait_for(r"^\[router-0\] router metrics on (\S+)").group(1)
+        self.router_metrics = (
+            self.up.wait_for(r"^\[router-0\] router metrics on (\S+)").group(1) if self.routers else None
+        )
         redis_line = [m for line in self.up.lines if (m := re.match(r"^\[redis\] ready on (\S+)", line))]
         self.redis = redis_line[0].group(1) if redis_line else None
         ca_line = [m for line in self.up.lines if (m := re.match(r"^TLS CA certificate at (\S+)$", line))]
@@ -315,3 +319,22 @@ class RouterProcess(ServiceProcess):
 
     def __init__(self, model_dir: Path, registry: str, *args: str):
         super().__init__("router", model_dir, "--registry", registry, *args)
+
+
+class RecordingCluster:
+    """A stand-in `launcher.Cluster` that records the command line of each service it would start."""
+
+    tls = PLAINTEXT
+
+    def __init__(self):
+        self.argvs: dict[str, list[str]] = {}
+
+    def spawn(self, service: launcher.Service) -> SimpleNamespace:
+        self.argvs[service.name] = service.argv
+        return SimpleNamespace(address="127.0.0.1:1")
+
+    def wait_ready(self, service, child) -> None:
+        pass
+
+    def start(self, service: launcher.Service) -> SimpleNamespace:
+        return self.spawn(service)

@@ -1,5 +1,8 @@
 """Reference parity: our engine, in one process and through the distributed path, against `transformers`."""
 
+import re
+import urllib.request
+
 import pytest
 import torch
 
@@ -94,3 +97,23 @@ def assert_cluster_matches(
     tokens, logits = stepwise_logits(cluster.model_dir, router, PROMPT, STEPS, device)
     assert tokens == hf[0]
     assert max_logit_diff(logits, hf[1]) < LOGIT_TOLERANCE
+
+
+def test_gateway_that_routes_itself_matches_transformers(mixtral_dir):
+    """`moemesh up --routers 0`: the gateway gates and calls the 2 expert shards itself (found in the registry);
+    the same tokens and logprobs as `transformers`, and its metrics count the tokens sent to each expert."""
+    cluster = Cluster(mixtral_dir, "--experts", "2", "--routers", "0", "--dtype", "float32")
+    try:
+        assert cluster.routers == [] and cluster.child_pids(r"moemesh\.cli gateway .*--registry redis://")
+        response = cluster.stub.Generate(
+            gateway_pb2.GenerateRequest(
+                prompt_token_ids=PROMPT, sampling=gateway_pb2.SamplingParams(max_new_tokens=STEPS, return_logprobs=True)
+            ),
+            timeout=120,
+        )
+        assert_reply_matches(list(response.token_ids), list(response.logprobs), hf_greedy(mixtral_dir, PROMPT, STEPS))
+        metrics = urllib.request.urlopen(f"http://{cluster.metrics}/metrics", timeout=10).read().decode()
+        routed = re.findall(r"^moemesh_router_expert_tokens_total\{[^}]*\} (\S+)$", metrics, re.M)
+        assert sum(float(n) for n in routed) == 2 * (len(PROMPT) + STEPS - 1) * 2  # top-2, every MoE layer (2)
+    finally:
+        cluster.close()

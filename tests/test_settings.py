@@ -94,3 +94,9 @@ def test_a_missing_tls_file_fails_at_start_naming_the_setting(tmp_path):
     settings = parse(GatewaySettings, ["--model", "/m", "--tls-cert", str(tmp_path / "c.pem"), "--tls-key", "/k"])
     with pytest.raises(ConfigError, match=r"tls_cert: cannot read .*c\.pem \(No such file or directory\)"):
         settings.tls()
+
+
+def test_a_gateway_reaches_the_experts_through_routers_or_a_registry_not_both():
+    with pytest.raises(ValidationError, match="router and registry: set one"):
+        parse(GatewaySettings, ["--model", "/m", "--router", "127.0.0.1:1", "--registry", "redis://127.0.0.1:2/0"])
+    assert parse(GatewaySettings, ["--model", "/m", "--registry", "redis://127.0.0.1:2/0"]).router is None

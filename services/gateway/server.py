@@ -32,6 +32,7 @@ from services.gateway.router_client import RouterClient
 from services.gateway.servicer import GatewayServicer
 from services.gateway.sessions import SessionStore
 from services.gateway.text import TextCodec
+from services.router.server import ExpertServices, remote_moe
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 KV_SHARE_OF_FREE_MEMORY = 0.4  # the default KV budget: this share of the memory free when the gateway starts
@@ -39,9 +40,10 @@ HEALTH_THREADS = 32  # server threads beyond the Gateway calls' limit: health ch
 
 
 def build_engine(settings: GatewaySettings, controls: ContentControls | None = None) -> tuple[Engine, Checkpoint]:
-    """The engine over the dense model, with the experts behind the router or, without one, in-process, and
-    the output rules of `controls` (default: those of `settings.input_filter`). Weights are loaded in passing
-    threads, so that the engine's is the one thread with an OpenMP pool (`moemesh.compute_threads`)."""
+    """The engine over the dense model, with the experts behind the routers, called directly (`registry`) or in
+    this process, and the output rules of `controls` (default: those of `settings.input_filter`). Weights are
+    loaded in passing threads, so that the engine's is the one thread with an OpenMP pool
+    (`moemesh.compute_threads`)."""
     controls = controls or load_controls(settings.input_filter)
     device = settings.torch_device()
     ckpt = Checkpoint(settings.model)
@@ -56,6 +58,12 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
             routers, device, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s,
             settings.hedge_floor_s, credentials,
         )  # fmt: skip
+    elif settings.registry:
+        services = ExpertServices(
+            settings.registry, [], settings.router_timeout_s, settings.router_timeout_s, settings.hedge_floor_s
+        )
+        wire = settings.wire_torch_dtype(dtype)
+        routed = in_passing_thread(lambda: remote_moe(ckpt, device, dtype, wire, services, settings.tls()))
     else:
         routed = in_passing_thread(lambda: local_experts(ckpt, dtype, device))
     config = EngineConfig(

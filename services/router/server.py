@@ -1,7 +1,10 @@
 """`moemesh router`: hold the gates, keep a live table of expert replicas, serve."""
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
@@ -11,12 +14,41 @@ from moemesh.moe import RoutedMoE
 from moemesh.rpc import Service
 from moemesh.settings import RouterSettings
 from moemesh.telemetry import serve_metrics
+from moemesh.tls import Tls
 from moemesh.v1 import router_pb2_grpc
 from services.router.dispatch import RemoteExperts
 from services.router.placement import Discovery, Placement
 from services.router.servicer import RouterServicer
 
 CONNECT_TIMEOUT_S = 5.0  # one attempt to reach a replica; a replica not up yet is retried
+
+
+@dataclass(frozen=True)
+class ExpertServices:
+    """Where a model's expert replicas are found and how they are called: what a router needs besides the gates."""
+
+    registry: str | None  # Redis URL the replicas announce themselves in
+    static: list[str]  # addresses of replicas that do not announce themselves
+    start_timeout_s: float  # how long to wait at start for every expert to have a replica
+    call_timeout_s: float  # deadline of one MoE layer's expert calls, resends included
+    hedge_floor_s: float  # least time an expert call gets before it is hedged to another replica
+
+
+def remote_moe(
+    ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, wire: torch.dtype, services: ExpertServices, tls: Tls
+) -> RoutedMoE:
+    """The gates, and the expert services behind them: a router's work, in a router or in a gateway that routes
+    itself. Returns once every (layer, expert) has a replica."""
+    cfg = ckpt.config
+    placement = Placement(
+        cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, CONNECT_TIMEOUT_S, services.hedge_floor_s,
+        tls.channel_credentials(),
+    )  # fmt: skip
+    if services.registry:
+        Discovery(placement, tls.redis(services.registry, socket_timeout=2), services.static).start()
+    wait_for_coverage(placement, services.static, services.start_timeout_s)
+    executor = RemoteExperts(placement, dtype, wire, services.call_timeout_s)
+    return RoutedMoE(load_gates(ckpt, dtype, device), executor, cfg.num_experts)
 
 
 def create_service(settings: RouterSettings) -> Service:
@@ -26,16 +58,11 @@ def create_service(settings: RouterSettings) -> Service:
     cfg = ckpt.config
     dtype = settings.compute_dtype(cfg.checkpoint_dtype, device)
     wire = settings.wire_torch_dtype(dtype)
-    placement = Placement(
-        cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, CONNECT_TIMEOUT_S, settings.hedge_floor_s,
-        tls.channel_credentials(),
-    )  # fmt: skip
     static = settings.experts + (read_placement_file(settings.placement_file) if settings.placement_file else [])
-    if settings.registry:
-        Discovery(placement, tls.redis(settings.registry, socket_timeout=2), static).start()
-    wait_for_coverage(placement, static, settings.start_timeout_s)
-    executor = RemoteExperts(placement, dtype, wire, settings.call_timeout_s)
-    moe = RoutedMoE(load_gates(ckpt, dtype, device), executor, cfg.num_experts)
+    services = ExpertServices(
+        settings.registry, static, settings.start_timeout_s, settings.call_timeout_s, settings.hedge_floor_s
+    )
+    moe = remote_moe(ckpt, device, dtype, wire, services, tls)
     credentials = tls.server_credentials(require_client_auth=True)
     service = Service("router", settings.host, settings.port, credentials=credentials)
     servicer = RouterServicer(moe, cfg.hidden_size, device, dtype, wire)

@@ -2,14 +2,13 @@
 passing it to every service."""
 
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 from moemesh import cli, hardware, launcher
 from moemesh.errors import ConfigError
-from moemesh.tls import PLAINTEXT
+from tests.helpers import RecordingCluster
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -78,27 +77,8 @@ def test_up_checks_the_device_before_starting_anything(no_cuda, capsys):
     assert "moemesh up: device: cuda:0 requested" in capsys.readouterr().err
 
 
-class _Recorder:
-    """A stand-in `launcher.Cluster` that records what would be started."""
-
-    tls = PLAINTEXT
-
-    def __init__(self):
-        self.argvs: dict[str, list[str]] = {}
-
-    def spawn(self, service: launcher.Service) -> SimpleNamespace:
-        self.argvs[service.name] = service.argv
-        return SimpleNamespace(address="127.0.0.1:1")
-
-    def wait_ready(self, service, child) -> None:
-        pass
-
-    def start(self, service: launcher.Service) -> SimpleNamespace:
-        return self.spawn(service)
-
-
 def test_up_passes_the_device_to_every_service(tmp_path):
-    recorder = _Recorder()
+    recorder = RecordingCluster()
     spec = launcher.ClusterSpec(Path("/m"), experts=2, routers=2, redis_url="redis://127.0.0.1:1/0", device="cuda:1")
     launcher._start(recorder, spec, tmp_path)
     assert sorted(recorder.argvs) == ["expert-0.0", "expert-1.0", "gateway", "router-0", "router-1"]
