@@ -257,7 +257,8 @@ class ClusterSpec:
 
     def gateway_threads(self) -> int:
         """The gateway gets every core: its largest matmuls (the LM head, read whole at every step) are
-        bandwidth-bound and run while the expert shards wait for the step's last layer (docs/benchmarks.md)."""
+        bandwidth-bound and run while the expert shards wait for the step's last layer (docs/benchmarks.md). Small
+        steps still compute on one of them (`GatewaySettings.one_thread_step_tokens`)."""
         return self.threads or hardware.available_cores()
 
 

@@ -157,6 +157,13 @@ class GatewaySettings(ServiceSettings):
         "overlaps another's expert calls (with routers); each reads the experts' weights again (docs/benchmarks.md)",
     )
     micro_batch_min_tokens: int = Field(8, ge=1, description="fewest tokens of a micro-batch; smaller steps run whole")
+    one_thread_step_tokens: int = Field(
+        64,
+        ge=0,
+        description="with the experts in other processes (router or registry), a step of at most this many tokens "
+        "computes on one torch thread: the gateway waits at every MoE layer, its other OpenMP threads fall asleep "
+        "then, and waking them costs more than they compute in a small step (docs/benchmarks.md); 0: never",
+    )
     max_waiting: int = Field(1024, description="most requests queued for admission; beyond: RESOURCE_EXHAUSTED")
     kv_cache_bytes: int = Field(
         0,

@@ -42,6 +42,7 @@ class EngineConfig:
     kv_cache_bytes: int = 0  # KV memory of the running sequences; 0: no limit
     micro_batches: int = 1  # a step's sequences split into up to this many micro-batches run in ping-pong
     micro_batch_min_tokens: int = 8  # fewest tokens of one micro-batch: smaller steps are not split
+    one_thread_step_tokens: int = 0  # a step of at most this many tokens computes on one torch thread; 0: never
 
 
 def split_micro_batches(
@@ -157,6 +158,7 @@ class Engine:
         self._wakeup = threading.Condition()
         self._stopped = False
         self._crash = False  # fault injection (`crash_after`)
+        self._threads = 1  # the engine thread's torch threads, read when it starts
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
     def start(self) -> None:
@@ -227,6 +229,7 @@ class Engine:
 
     def _loop(self) -> None:
         adopt_torch_threads()
+        self._threads = torch.get_num_threads()
         try:
             self._run()
         except BaseException:
@@ -331,6 +334,7 @@ class Engine:
         batches = [self._pack(group) for group in groups]
         sampled = [seq for group in groups for seq, n in group if n == seq.pending]  # the logit rows, in order
         num_tokens = sum(n for _, n in chosen)
+        torch.set_num_threads(1 if num_tokens <= self.config.one_thread_step_tokens else self._threads)
         try:
             traced = [seq.trace.phase for seq, _ in chosen if seq.trace is not None]
             attributes = {"moemesh.sequences": len(chosen), "moemesh.tokens": num_tokens}

@@ -74,6 +74,7 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
         settings.kv_cache_bytes or int(KV_SHARE_OF_FREE_MEMORY * hardware.available_memory_bytes(device)),
         settings.micro_batches,
         settings.micro_batch_min_tokens,
+        settings.one_thread_step_tokens if settings.router or settings.registry else 0,
     )
     text = TextCodec.from_dir(settings.model)
     eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids

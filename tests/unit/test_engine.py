@@ -436,3 +436,32 @@ def test_sequences_beyond_the_kv_budget_wait_or_are_preempted_and_keep_their_tok
             engine.submit(request([1, 2], max_new_tokens=400))  # could never fit
     finally:
         engine.stop()
+
+
+def test_small_steps_compute_on_one_thread_and_give_the_same_tokens(engine, model_dir):
+    """`one_thread_step_tokens` (set where the experts are remote): a step of at most that many tokens runs on one
+    torch thread, a larger one on the engine's threads; the tokens are those of the default engine."""
+    from dataclasses import replace
+
+    small, _ = build_engine(GatewaySettings(model=model_dir, dtype="float32", max_batch_tokens=48))
+    small.config = replace(small.config, one_thread_step_tokens=4)
+    seen: list[tuple[int, int]] = []  # (tokens, torch threads) at each MoE call
+    routed = small.routed
+
+    class Recording:
+        def submit(self, layer, hidden, deadline):
+            seen.append((hidden.shape[0], torch.get_num_threads()))
+            return routed.submit(layer, hidden, deadline)
+
+    small.routed = Recording()
+    process_threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what the engine thread adopts when it starts
+    try:
+        small.start()
+        prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+        assert generate(small, prompt, max_new_tokens=3).token_ids == generate(engine, prompt, 3).token_ids
+    finally:
+        small.stop()
+        torch.set_num_threads(process_threads)
+    assert {threads for tokens, threads in seen if tokens == 10} == {2}  # the prompt's step
+    assert {threads for tokens, threads in seen if tokens == 1} == {1}  # the decodes
