@@ -334,7 +334,8 @@ class Engine:
         batches = [self._pack(group) for group in groups]
         sampled = [seq for group in groups for seq, n in group if n == seq.pending]  # the logit rows, in order
         num_tokens = sum(n for _, n in chosen)
-        torch.set_num_threads(1 if num_tokens <= self.config.one_thread_step_tokens else self._threads)
+        if self.config.one_thread_step_tokens:  # set only where the experts are remote (the gateway waits on them)
+            torch.set_num_threads(1 if num_tokens <= self.config.one_thread_step_tokens else self._threads)
         try:
             traced = [seq.trace.phase for seq, _ in chosen if seq.trace is not None]
             attributes = {"moemesh.sequences": len(chosen), "moemesh.tokens": num_tokens}

@@ -49,20 +49,20 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
     ckpt = Checkpoint(settings.model)
     cfg = ckpt.config
     dtype = settings.compute_dtype(cfg.checkpoint_dtype, device)
+    wire = settings.wire_torch_dtype(dtype)
     routed: RoutedExperts
     if settings.router:
         routers = settings.router.split(",")
         credentials = settings.tls().channel_credentials()
         RouterClient.wait_ready(routers, settings.router_timeout_s, credentials)
         routed = RouterClient(
-            routers, device, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s,
+            routers, device, dtype, wire, settings.router_timeout_s,
             settings.hedge_floor_s, credentials,
         )  # fmt: skip
     elif settings.registry:
         services = ExpertServices(
             settings.registry, [], settings.router_timeout_s, settings.router_timeout_s, settings.hedge_floor_s
         )
-        wire = settings.wire_torch_dtype(dtype)
         routed = in_passing_thread(lambda: remote_moe(ckpt, device, dtype, wire, services, settings.tls()))
     else:
         routed = in_passing_thread(lambda: local_experts(ckpt, dtype, device))
