@@ -12,7 +12,10 @@ Before those, on streams no call has used yet, it calls the router alone, back t
 random hidden states of one token and of each prefill size: the hops and the shards with no dense part between
 them, and each service's handler threads as they are when a cluster starts.
 
-    .venv/bin/python -m bench.layers [--model DIR] [--experts 2] [--replicas 1] [--decode-steps 40]
+With `--routers 0` this process gates and calls the shards itself, as a gateway of `up --routers 0` does: the
+"router" columns are then its own calls to the shards, and its CPU counts the routing.
+
+    .venv/bin/python -m bench.layers [--model DIR] [--experts 2] [--replicas 1] [--routers 1] [--decode-steps 40]
         [--prefill 32,128,256] [--markdown]
 """
 
@@ -25,6 +28,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import prometheus_client
 import torch
 
 from bench.common import ServiceProcess, allocator_as_services, command_line, cpu_description, load_average, table
@@ -129,9 +133,12 @@ def run_cases(
     return cases
 
 
-def scrape(address: str, histogram: str) -> tuple[float, float]:
-    """(count, sum) of `histogram` over all its labels."""
-    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+def scrape(address: str | None, histogram: str) -> tuple[float, float]:
+    """(count, sum) of `histogram` over all its labels, at `address` or (None) in this process."""
+    if address is None:
+        text = prometheus_client.generate_latest().decode()
+    else:
+        text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
     totals = []
     for suffix in ("_count", "_sum"):
         values = re.findall(rf"^{histogram}{suffix}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
@@ -139,9 +146,10 @@ def scrape(address: str, histogram: str) -> tuple[float, float]:
     return totals[0], totals[1]
 
 
-def service_calls(up: ServiceProcess, metrics: dict[str, list[str]], moe_layers: int) -> Measure:
-    """A `measure` for `run_cases`: the mean ms per call of each service kind's histogram over the run, and the
-    CPU ms per MoE layer of this process (the gateway's engine) and of the cluster's routers and shards."""
+def service_calls(up: ServiceProcess, metrics: dict[str, list[str | None]], moe_layers: int) -> Measure:
+    """A `measure` for `run_cases`: the mean ms per call of each service kind's histogram over the run (an address
+    of None: this process's), and the CPU ms per MoE layer of this process (the gateway's engine) and of the
+    cluster's routers and shards (0 without routers: this process routes)."""
 
     def cpu() -> dict[str, float]:
         return {"gateway": time.process_time()} | {kind: up.cpu_seconds(f"moemesh.cli {kind}") for kind in metrics}
@@ -169,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: the bundled demo model)")
     parser.add_argument("--experts", type=int, default=2, help="expert shards of the cluster (default 2)")
     parser.add_argument("--replicas", type=int, default=1, help="replicas of each shard (default 1)")
+    parser.add_argument("--routers", type=int, default=1, choices=(0, 1), help="0: this process routes (default 1)")
     parser.add_argument("--decode-steps", type=int, default=40)
     parser.add_argument("--prefill", default="32,128,256", help="prompt sizes, comma-separated")
     parser.add_argument("--markdown", action="store_true")
@@ -179,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     from moemesh.settings import GatewaySettings
     from services.gateway.router_client import RouterClient
     from services.gateway.server import local_experts
+    from services.router.server import ExpertServices, remote_moe
 
     model_dir = (args.model or demo_model.ensure()).resolve()
     print(f"command: {command_line('bench.layers')}\ncpu: {cpu_description()}; {load_average()}", flush=True)
@@ -197,27 +207,32 @@ def main(argv: list[str] | None = None) -> int:
     in_process = run_cases(Driver(model, local), args.decode_steps, prefill)
     del local
 
-    up = start_up(model_dir, args.experts, replicas=args.replicas)
+    up = start_up(model_dir, args.experts, replicas=args.replicas, routers=args.routers)
     try:
-        router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1)
-        metrics = {
-            "router": [up.wait_for(r"^\[router-0\] router metrics on (\S+)").group(1)],
+        wire = settings.wire_torch_dtype(dtype)
+        metrics: dict[str, list[str | None]] = {
             "expert": [
                 up.wait_for(rf"^\[expert-{i}\.{r}\] expert metrics on (\S+)").group(1)
                 for i in range(args.experts)
                 for r in range(args.replicas)
             ],
         }
-        client = RouterClient(
-            [router], device, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s, settings.hedge_floor_s
-        )
+        if args.routers:
+            router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1)
+            metrics["router"] = [up.wait_for(r"^\[router-0\] router metrics on (\S+)").group(1)]
+            client = RouterClient([router], device, dtype, wire, settings.router_timeout_s, settings.hedge_floor_s)
+        else:
+            registry = up.wait_for(r"^\[redis\] ready on (\S+)").group(1)
+            metrics["router"] = [None]
+            services = ExpertServices(registry, [], 60.0, settings.router_timeout_s, settings.hedge_floor_s)
+            client = in_passing_thread(lambda: remote_moe(ckpt, device, dtype, wire, services, settings.tls()))
         measure = service_calls(up, metrics, len(ckpt.config.moe_layers))
         alone = {
             size: measure(lambda size=size: call_router(client, ckpt.config.moe_layers, random_hidden(size), rounds))
             for size in [1, *prefill]
         }
         distributed = run_cases(Driver(model, client), args.decode_steps, prefill, measure)
-        client.close()
+        (client if args.routers else client.executor).close()
     finally:
         up.stop()
     rows = []

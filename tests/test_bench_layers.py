@@ -1,6 +1,6 @@
-"""`bench.layers` on a real `moemesh up`: each case timed in-process and over the router, and the waits nest
-(a shard's compute within the router's call to it, within what the gateway waits for the layer); the router
-called alone, per size."""
+"""`bench.layers` on a real `moemesh up`: each case timed in-process and over the router (or, with `--routers 0`,
+routed by the bench's own process), and the waits nest (a shard's compute within the router's call to it, within
+what the gateway waits for the layer); the router called alone, per size."""
 
 import pytest
 
@@ -9,8 +9,10 @@ from bench import layers
 pytestmark = pytest.mark.timeout(300)
 
 
-def test_cases_are_timed_on_both_sides_and_the_waits_nest(mixtral_dir, capsys):
-    assert layers.main(["--model", str(mixtral_dir), "--decode-steps", "4", "--prefill", "8", "--markdown"]) == 0
+@pytest.mark.parametrize("routers", [1, 0])
+def test_cases_are_timed_on_both_sides_and_the_waits_nest(mixtral_dir, capsys, routers):
+    argv = ["--model", str(mixtral_dir), "--decode-steps", "4", "--prefill", "8", "--routers", str(routers)]
+    assert layers.main(argv + ["--markdown"]) == 0
     rows, alone = {}, {}
     for line in capsys.readouterr().out.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
@@ -24,6 +26,7 @@ def test_cases_are_timed_on_both_sides_and_the_waits_nest(mixtral_dir, capsys):
         assert 0 < shard <= router_call <= moe < step, name
         gateway_cpu, router_cpu, shards_cpu = (float(ms) for ms in cpu.split("/"))  # /proc counts in 10 ms ticks
         assert gateway_cpu > 0 and router_cpu >= 0 and shards_cpu >= 0, name
+        assert routers or router_cpu == 0, name  # no router process: this one routed
     assert set(alone) == {"1 token", "8 tokens"}
     for name, (call, router_call, shard, caller_cpu, router_cpu, shards_cpu) in alone.items():
         assert call > 0 and 0 < shard <= router_call, name

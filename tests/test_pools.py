@@ -71,6 +71,19 @@ def test_kill_one_replica_under_load_loses_no_stream(pool, expected):
     assert under_load(pool.stub, lambda: os.kill(victim, signal.SIGKILL)) == expected
 
 
+def test_a_gateway_that_routes_itself_fails_over_on_kill_9(mixtral_dir):
+    """`up --routers 0`: the gateway's own calls to the shards lose no stream when a replica dies mid-load."""
+    cluster = Cluster(mixtral_dir, "--experts", "2", "--replicas", "2", "--routers", "0", "--dtype", "float32")
+    try:
+        assert not cluster.routers
+        prompts = PROMPTS[:16]
+        expected = [tokens(cluster, p) for p in prompts]
+        victim = cluster.expert_pids()["1/2#0"]
+        assert under_load(cluster.stub, lambda: os.kill(victim, signal.SIGKILL), prompts) == expected
+    finally:
+        cluster.close()
+
+
 def test_a_joining_replica_takes_traffic_within_5s(pool, mixtral_dir, expected):
     replica = ExpertProcess(mixtral_dir, "1/2", pool.redis)
     try:

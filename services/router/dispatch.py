@@ -18,7 +18,7 @@ from moemesh.errors import DeadlineExceeded
 from moemesh.moe import ExpertGroup
 from moemesh.peers import Attempt, HedgedCall, Peer
 from moemesh.v1 import expert_pb2
-from services.router.placement import ExpertReplica, Placement
+from services.router.placement import Discovery, ExpertReplica, Placement
 
 log = logging.getLogger(__name__)
 
@@ -28,9 +28,23 @@ Part = tuple[ExpertGroup, int]  # a group and the row where it starts
 
 
 class RemoteExperts:
-    def __init__(self, placement: Placement, compute_dtype: torch.dtype, wire_dtype: torch.dtype, timeout_s: float):
-        self.placement = placement
+    def __init__(
+        self,
+        placement: Placement,
+        compute_dtype: torch.dtype,
+        wire_dtype: torch.dtype,
+        timeout_s: float,
+        discovery: Discovery | None = None,
+    ):
+        """`discovery`: what keeps `placement` up to date, stopped with `close`."""
+        self.placement, self.discovery = placement, discovery
         self.compute_dtype, self.wire_dtype, self.timeout_s = compute_dtype, wire_dtype, timeout_s
+
+    def close(self) -> None:
+        """Stops following the registry and closes the replicas' channels (a caller that outlives its cluster)."""
+        if self.discovery is not None:
+            self.discovery.stop()
+        self.placement.close()
 
     def __call__(
         self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor, timeout_s: float | None

@@ -44,10 +44,12 @@ def remote_moe(
         cfg.moe_layers, cfg.num_experts, ckpt.fingerprint, CONNECT_TIMEOUT_S, services.hedge_floor_s,
         tls.channel_credentials(),
     )  # fmt: skip
+    discovery = None
     if services.registry:
-        Discovery(placement, tls.redis(services.registry, socket_timeout=2), services.static).start()
+        discovery = Discovery(placement, tls.redis(services.registry, socket_timeout=2), services.static)
+        discovery.start()
     wait_for_coverage(placement, services.static, services.start_timeout_s)
-    executor = RemoteExperts(placement, dtype, wire, services.call_timeout_s)
+    executor = RemoteExperts(placement, dtype, wire, services.call_timeout_s, discovery)
     return RoutedMoE(load_gates(ckpt, dtype, device), executor, cfg.num_experts)
 
 
