@@ -4,10 +4,11 @@ one wherever `kustomize` or `kubectl` is on PATH).
 
 Covered: `resources` (files, multi-document, and directories with their own kustomization, built first),
 `patches` (strategic merge, from `path` or inline `patch`, matched by kind and name, or by a `target` of kind,
-name and an equality `labelSelector`), `nameSuffix` and `namePrefix` (with HorizontalPodAutoscaler
-`scaleTargetRef` following the Deployment it names), `labels` (`pairs`, `includeSelectors`), `replicas` and
-`images`. Strategic merge: maps merge, `null` deletes, and the lists Kubernetes merges by key (containers and
-env by name, volumes by name, volumeMounts by mountPath, ports by containerPort) merge item by item.
+name and an equality `labelSelector`; `$patch: delete` removes what it matches), `nameSuffix` and
+`namePrefix` (with HorizontalPodAutoscaler `scaleTargetRef` following the Deployment it names), `labels`
+(`pairs`, `includeSelectors`), `replicas` and `images`. Strategic merge: maps merge, `null` deletes, and the
+lists Kubernetes merges by key (containers and env by name, volumes by name, volumeMounts by mountPath, ports
+by containerPort) merge item by item.
 """
 
 import copy
@@ -79,6 +80,9 @@ def _apply_patch(objects: list[dict], patch: dict, target: dict | None) -> None:
     selector = target or {"kind": patch["kind"], "name": patch["metadata"]["name"]}
     matched = [i for i, obj in enumerate(objects) if _selected(obj, selector)]
     assert matched, f"patch {patch['kind']}/{patch['metadata']['name']} matches nothing"
+    if patch.get("$patch") == "delete":
+        objects[:] = [obj for i, obj in enumerate(objects) if i not in matched]
+        return
     for i in matched:
         body = {name: value for name, value in patch.items() if name != "metadata"} | {
             "metadata": {name: value for name, value in patch["metadata"].items() if name != "name"}

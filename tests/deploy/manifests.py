@@ -13,7 +13,7 @@ from tests.deploy.kustomize_build import build
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_DIR = REPO / "deploy" / "compose"
 K8S = REPO / "deploy" / "k8s"
-OVERLAYS = ["dev", "prod"]
+OVERLAYS = ["dev", "prod", "dev-routes-itself"]
 DEFAULTED = re.compile(r"\$\{(\w+):-([^}]*)\}")  # ${NAME:-default}
 
 

@@ -154,6 +154,21 @@ def test_references_resolve(objects):
                 assert volume["persistentVolumeClaim"]["claimName"] in claims | {"moemesh-model"}
 
 
+@pytest.mark.timeout(60)
+def test_a_gateway_that_routes_itself_reads_the_registry_the_experts_announce_in():
+    objects = k8s_objects(K8S / "overlays" / "dev-routes-itself")
+    assert not [obj for obj in objects if obj["metadata"]["name"] == "moemesh-router"]
+    deployments = by_kind(objects, "Deployment")
+    gateway = pod_spec(deployments["moemesh-gateway"])["containers"][0]
+    assert "--router" not in gateway["args"]
+    registry = {e["name"]: e for e in gateway["env"]}["MOEMESH_REGISTRY"]
+    assert registry["valueFrom"] == {"configMapKeyRef": {"name": "moemesh-redis", "key": "url"}}
+    experts = [pod_spec(d)["containers"][0] for name, d in deployments.items() if name.startswith("moemesh-expert-")]
+    assert experts
+    for expert in experts:
+        assert {e["name"]: e for e in expert["env"]}["MOEMESH_REGISTRY"] == registry
+
+
 @pytest.mark.timeout(30)
 def test_the_adapter_serves_the_autoscalers_metric_from_the_scraped_pods():
     rules = yaml.safe_load((K8S / "prometheus-adapter.yaml").read_text())["rules"]
