@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     from moemesh import demo_model
     from moemesh.settings import GatewaySettings
     from services.gateway.router_client import RouterClient
-    from services.gateway.server import local_experts
-    from services.router.server import ExpertServices, remote_moe
+    from services.gateway.server import local_experts, registry_experts
 
     model_dir = (args.model or demo_model.ensure()).resolve()
     print(f"command: {command_line('bench.layers')}\ncpu: {cpu_description()}; {load_average()}", flush=True)
@@ -209,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
 
     up = start_up(model_dir, args.experts, replicas=args.replicas, routers=args.routers)
     try:
-        wire = settings.wire_torch_dtype(dtype)
+        up.wait_for(r"^gateway listening on ")  # the whole cluster has started: nothing loads while we measure
         metrics: dict[str, list[str | None]] = {
             "expert": [
                 up.wait_for(rf"^\[expert-{i}\.{r}\] expert metrics on (\S+)").group(1)
@@ -220,12 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.routers:
             router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1)
             metrics["router"] = [up.wait_for(r"^\[router-0\] router metrics on (\S+)").group(1)]
+            wire = settings.wire_torch_dtype(dtype)
             client = RouterClient([router], device, dtype, wire, settings.router_timeout_s, settings.hedge_floor_s)
         else:
             registry = up.wait_for(r"^\[redis\] ready on (\S+)").group(1)
             metrics["router"] = [None]
-            services = ExpertServices(registry, [], 60.0, settings.router_timeout_s, settings.hedge_floor_s)
-            client = in_passing_thread(lambda: remote_moe(ckpt, device, dtype, wire, services, settings.tls()))
+            routing = settings.model_copy(update={"registry": registry})
+            client = in_passing_thread(lambda: registry_experts(routing, ckpt, device, dtype))
         measure = service_calls(up, metrics, len(ckpt.config.moe_layers))
         alone = {
             size: measure(lambda size=size: call_router(client, ckpt.config.moe_layers, random_hidden(size), rounds))

@@ -178,12 +178,13 @@ class Cluster:
         return pids
 
     def metric(self, name: str) -> float:
+        """The gateway's `name`, summed over its labels' series."""
         import urllib.request
 
         text = urllib.request.urlopen(f"http://{self.metrics}/metrics", timeout=10).read().decode()
-        match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
-        assert match, f"metric {name} not exported"
-        return float(match.group(1))
+        values = re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)
+        assert values, f"metric {name} not exported"
+        return sum(map(float, values))
 
     def close(self) -> None:
         self.channel.close()

@@ -49,21 +49,17 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
     ckpt = Checkpoint(settings.model)
     cfg = ckpt.config
     dtype = settings.compute_dtype(cfg.checkpoint_dtype, device)
-    wire = settings.wire_torch_dtype(dtype)
     routed: RoutedExperts
     if settings.router:
         routers = settings.router.split(",")
         credentials = settings.tls().channel_credentials()
         RouterClient.wait_ready(routers, settings.router_timeout_s, credentials)
         routed = RouterClient(
-            routers, device, dtype, wire, settings.router_timeout_s,
+            routers, device, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s,
             settings.hedge_floor_s, credentials,
         )  # fmt: skip
     elif settings.registry:
-        services = ExpertServices(
-            settings.registry, [], settings.router_timeout_s, settings.router_timeout_s, settings.hedge_floor_s
-        )
-        routed = in_passing_thread(lambda: remote_moe(ckpt, device, dtype, wire, services, settings.tls()))
+        routed = in_passing_thread(lambda: registry_experts(settings, ckpt, device, dtype))
     else:
         routed = in_passing_thread(lambda: local_experts(ckpt, dtype, device))
     config = EngineConfig(
@@ -81,6 +77,16 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
     dense = in_passing_thread(lambda: DenseModel.from_checkpoint(ckpt, dtype, device))
     engine = Engine(dense, routed, config, text, eos_ids, controls.output)
     return engine, ckpt
+
+
+def registry_experts(
+    settings: GatewaySettings, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype
+) -> RoutedMoE:
+    """The gates, and the expert services announced in `settings.registry`, called by this gateway itself."""
+    services = ExpertServices(
+        settings.registry, [], settings.router_timeout_s, settings.router_timeout_s, settings.hedge_floor_s
+    )
+    return remote_moe(ckpt, device, dtype, settings.wire_torch_dtype(dtype), services, settings.tls())
 
 
 def local_experts(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> RoutedMoE:
