@@ -62,6 +62,12 @@ def one_part_call(peers: list[Peer], timeout_s: float = 5.0) -> HedgedCall:
     return HedgedCall(1, send, time.monotonic() + timeout_s, "test call")
 
 
+def chosen_first(fast: Peer, slow: Peer) -> None:
+    """Makes `fast` look 100x faster than `slow`, so that `one_part_call` sends its first try to `fast`."""
+    fast.latency.observe(0.0001, 1)
+    slow.latency.observe(0.01, 1)
+
+
 def answer_of(call: HedgedCall):
     return [response for _, response, _ in call.answers()]
 
@@ -69,8 +75,7 @@ def answer_of(call: HedgedCall):
 def test_a_failed_peer_is_resent_to_another_and_then_avoided():
     dead = peer("dead", lambda r: PeerUnreachable("stream ended"))
     alive = peer("alive", lambda r: f"answer to {r}")
-    dead.latency.observe(0.0001, 1)  # looks 100x faster, so it is chosen first
-    alive.latency.observe(0.01, 1)
+    chosen_first(dead, alive)
     assert answer_of(one_part_call([dead, alive])) == ["answer to request to alive"]
     assert not dead.healthy(time.monotonic()) and dead.outstanding == 0
     answer_of(one_part_call([dead, alive]))
@@ -80,8 +85,7 @@ def test_a_failed_peer_is_resent_to_another_and_then_avoided():
 def test_a_hung_peer_is_hedged_and_the_first_answer_wins():
     hung = peer("hung")  # never answers
     alive = peer("alive", lambda r: "answer")
-    hung.latency.observe(0.0001, 1)
-    alive.latency.observe(0.01, 1)
+    chosen_first(hung, alive)
     began = time.monotonic()
     assert answer_of(one_part_call([hung, alive])) == ["answer"]
     assert 0.05 <= time.monotonic() - began < 1.0  # waited for the hung peer's budget, then hedged
@@ -113,8 +117,7 @@ def test_a_restarted_peer_is_reached_on_a_later_round():
 def test_an_error_a_peer_answered_with_is_not_resent():
     refusing = peer("refusing", lambda r: Unavailable("no live expert replica holds layer 1 expert 3"))
     other = peer("other", lambda r: "answer")
-    refusing.latency.observe(0.0001, 1)  # looks 100x faster, so it is chosen first
-    other.latency.observe(0.01, 1)
+    chosen_first(refusing, other)
     with pytest.raises(Unavailable, match="layer 1 expert 3"):
         answer_of(one_part_call([refusing, other]))
     assert not other.client.calls and refusing.healthy(time.monotonic())
@@ -128,8 +131,7 @@ def test_the_deadline_bounds_the_call():
 def test_other_errors_are_not_resent():
     bad = peer("bad", lambda r: InvalidArgument("hidden: wrong shape"))
     other = peer("other", lambda r: "answer")
-    bad.latency.observe(0.0001, 1)  # looks 100x faster, so it is chosen first
-    other.latency.observe(0.01, 1)
+    chosen_first(bad, other)
     with pytest.raises(InvalidArgument):
         answer_of(one_part_call([bad, other]))
     assert not other.client.calls
