@@ -71,6 +71,14 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     up.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     up.add_argument("--quantize", default="none", choices=["none", "int8"], help="expert weights")
+    up.add_argument(
+        "--log-dir",
+        type=Path,
+        metavar="DIR",
+        help="write each service's log (request log included) to DIR/<service>.log; the terminal shows only ready "
+        "lines, what each service computes with, warnings and errors (default: a new folder under "
+        "$XDG_STATE_HOME/moemesh/logs or ~/.local/state/moemesh/logs)",
+    )
     up.add_argument("--tls", action="store_true", help="TLS on the gateway's port, mutual TLS inside, TLS to Redis")
     up.add_argument(
         "--certs", type=Path, metavar="DIR", help="with --tls: the certificates in DIR (made there if it has none)"
@@ -177,7 +185,7 @@ def _run(args: argparse.Namespace) -> int:
                 model=args.model or demo_model.bot_dir(), experts=args.experts, replicas=args.replicas,
                 routers=args.routers, threads=args.threads, host=args.host, port=args.port, redis_url=args.redis,
                 device=args.device, dtype=args.dtype, wire_dtype=args.wire_dtype, quantize=args.quantize, tls=args.tls,
-                certs=args.certs,
+                certs=args.certs, log_dir=args.log_dir,
             )
         )  # fmt: skip
     if args.command in SERVICES:

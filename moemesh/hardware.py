@@ -105,6 +105,14 @@ def available_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
+def describe_cores() -> str:
+    """How `available_cores` came out: `2 (CPU affinity 2, no cgroup CPU quota)`."""
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = _cgroup_quota()
+    limit = f"cgroup CPU quota {quota:g}" if quota else "no cgroup CPU quota"
+    return f"{available_cores()} (CPU affinity {affinity}, {limit})"
+
+
 def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """CPUs the cgroup's quota allows (cgroup v2 `cpu.max`, else v1 `cpu.cfs_quota_us`); None: no quota."""
     try:

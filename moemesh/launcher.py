@@ -6,7 +6,13 @@ exit. Once the cluster is up, `up` supervises it: an expert replica, router or r
 started) that dies is started again with the same command line after a short backoff. Routers and Redis
 keep their ports, so the gateway's router list and the Redis URL stay valid; experts take a new port and
 announce it in the registry. The gateway's death ends the cluster with a non-zero exit. SIGINT/SIGTERM
-stops every child. Children also get SIGTERM from the kernel if this process dies (PR_SET_PDEATHSIG).
+stops every child (a terminal's Ctrl-C reaches `up` alone: each child leads a process group of its own). Children
+also get SIGTERM from the kernel if this process dies (PR_SET_PDEATHSIG).
+
+Each child's output (its request log included) goes to `<log dir>/<name>.log`, which `up` prints at start; the
+terminal gets the ready lines, where and with what each service computes, warnings and errors, so that a
+`moemesh chat` in the same terminal is not interleaved with log lines. A gateway port already in use fails
+`up` before any child starts.
 
 With TLS every child gets the same certificate, key and CA (`moemesh certs`): the gateway serves TLS, routers
 and experts mutual TLS, and redis-server TLS only, asking clients for their certificate too.
@@ -15,6 +21,7 @@ and experts mutual TLS, and redis-server TLS only, asking clients for their cert
 import ctypes
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,13 +31,21 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import redis
 
-from moemesh import certs, hardware
+from moemesh import certs, hardware, ports
+from moemesh.errors import ConfigError
 from moemesh.tls import PLAINTEXT, Tls
 
 READY = re.compile(r"^(\w+) listening on (\S+)$")
+# Besides its own `[name] ready on` lines, `up` shows of its children's stdout where else they listen and what
+# they compute with (`moemesh.compute_report`); the rest is in their log files.
+SHOWN_STDOUT = re.compile(r"^\w+ (metrics on|compute:) ")
+LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ (\w+) ")  # `moemesh.cli`'s logging format
+QUIET_LEVELS = frozenset({"DEBUG", "INFO"})
+TAIL_LINES = 5  # of a child's log, in the error when it exits before it was ready and showed no error
 START_TIMEOUT_S = 300
 BACKOFF_MIN_S = 0.5  # first wait before a restart
 BACKOFF_MAX_S = 5.0  # the wait doubles up to this while a child keeps dying quickly
@@ -59,24 +74,47 @@ class Service:
 
 @dataclass
 class Child:
-    """One run of a service's process; a restart is a new Child."""
+    """One run of a service's process; a restart is a new Child. Everything it prints goes to its log file
+    (`log`); the terminal gets what `shown_on_stdout` and `ErrorFilter` let through."""
 
     name: str
     proc: subprocess.Popen
+    log: TextIO
     started: float = field(default_factory=time.monotonic)
     address: str | None = None
     ready: threading.Event = field(default_factory=threading.Event)
+    shown_errors: int = 0  # lines of its stderr shown on the terminal
+    _log_lock: threading.Lock = field(default_factory=threading.Lock)
+    _errors_read: threading.Event = field(default_factory=threading.Event)
+
+    def _write_log(self, line: str) -> None:
+        with self._log_lock:
+            self.log.write(line)
+            self.log.flush()
 
     def pump_output(self) -> None:
-        """Echoes the child's stdout with its name, and catches its ready line."""
+        """Logs the child's stdout, catches its ready line, and shows its address and compute lines."""
         for line in self.proc.stdout:
+            self._write_log(line)
             match = READY.match(line.strip())
             if match and not self.ready.is_set():
                 self.address = match.group(2)
                 self.ready.set()
-            else:
+            elif SHOWN_STDOUT.match(line):
                 print(f"[{self.name}] {line}", end="", flush=True)
+        self._errors_read.wait()
+        self.log.close()
         self.ready.set()  # exited: wake whoever waits for it
+
+    def pump_errors(self) -> None:
+        """Logs the child's stderr and shows its warnings and errors."""
+        shown = ErrorFilter()
+        for line in self.proc.stderr:
+            self._write_log(line)
+            if shown(line):
+                self.shown_errors += 1
+                print(f"[{self.name}] {line}", end="", file=sys.stderr, flush=True)
+        self._errors_read.set()
 
     def wait_ready(self, timeout_s: float) -> str:
         if not self.ready.wait(timeout_s):
@@ -101,7 +139,38 @@ class Child:
         raise ClusterError(f"{self.name} did not answer PING within {timeout_s:g}s")
 
     def exited_early(self) -> ClusterError:
-        return ClusterError(f"{self.name} exited with code {self.proc.wait()} before it was ready (its log is above)")
+        code = self.proc.wait()
+        log = Path(self.log.name)
+        if self.shown_errors:  # its errors are on the terminal already
+            return ClusterError(f"{self.name} exited with code {code} before it was ready (its log: {log})")
+        self.ready.wait(1.0)  # its last lines are in the log once its stdout is read to the end
+        tail = "".join(f"  {line}\n" for line in log.read_text(errors="replace").splitlines()[-TAIL_LINES:])
+        return ClusterError(f"{self.name} exited with code {code} before it was ready; the end of {log}:\n{tail}")
+
+
+class ErrorFilter:
+    """Which lines of a child's stderr the terminal shows: log records of WARNING and above with the indented
+    lines that follow them (a traceback), and anything printed outside logging (a crash's traceback, the one
+    line a command that refuses its settings prints); not INFO records and their indented lines, and not the
+    request log's JSON lines."""
+
+    def __init__(self) -> None:
+        self.showing = True
+
+    def __call__(self, line: str) -> bool:
+        if record := LOG_RECORD.match(line):
+            self.showing = record.group(1) not in QUIET_LEVELS
+        elif line.startswith("{"):  # `moemesh.requests`: one JSON object a line
+            return False
+        elif not line[:1].isspace():
+            self.showing = True
+        return self.showing
+
+
+def default_log_dir() -> Path:
+    """A new folder for one run's logs under the user's state directory (XDG_STATE_HOME, ~/.local/state)."""
+    state = Path(os.environ.get("XDG_STATE_HOME") or Path.home() / ".local" / "state")
+    return state / "moemesh" / "logs" / f"up-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
 def _die_with_parent() -> None:
@@ -146,25 +215,35 @@ def _redis_service(host: str, data_dir: Path, tls: Tls) -> Service:
 class Cluster:
     """The children of `moemesh up`: starts them, restarts the supervised ones, stops them all."""
 
-    def __init__(self, tls: Tls = PLAINTEXT):
+    def __init__(self, log_dir: Path, tls: Tls = PLAINTEXT):
+        self.log_dir = log_dir  # `<name>.log` of each service, every run of it appended
         self.tls = tls  # what `up` connects to its redis-server with
         self.stopping = threading.Event()
         self._lock = threading.Lock()  # no child starts once stop() has taken the list of children
         self._children: dict[str, Child] = {}  # the current run of each service, in start order
+        self._stores: set[str] = set()  # the redis-servers among them, stopped last
 
     def spawn(self, service: Service) -> Child:
+        # Each child leads a process group of its own: a Ctrl-C in the terminal reaches `up` alone, which stops
+        # the services before their redis-server. They stay in the session of `up`.
         # Services take turns on the same cores (the gateway waits while the experts compute): OpenMP
         # threads that spin while idle would steal the cores the other services need.
         env = {"OMP_WAIT_POLICY": "PASSIVE"} | service.env | dict(os.environ)
         with self._lock:
             if self.stopping.is_set():
                 raise Stopping
+            log = open(self.log_dir / f"{service.name}.log", "a")  # noqa: SIM115 - open as long as the child
+            log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(service.argv)}\n")
+            log.flush()
             proc = subprocess.Popen(
-                service.argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1, env=env,
-                preexec_fn=_die_with_parent,
+                service.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                bufsize=1, env=env, preexec_fn=_die_with_parent, process_group=0,
             )  # fmt: skip
-            child = self._children[service.name] = Child(service.name, proc)
+            child = self._children[service.name] = Child(service.name, proc, log)
+            if service.redis_url:
+                self._stores.add(service.name)
         threading.Thread(target=child.pump_output, name=f"out-{service.name}", daemon=True).start()
+        threading.Thread(target=child.pump_errors, name=f"err-{service.name}", daemon=True).start()
         return child
 
     def wait_ready(self, service: Service, child: Child, timeout_s: float = START_TIMEOUT_S) -> None:
@@ -214,20 +293,23 @@ class Cluster:
                 child.proc.kill()
 
     def stop(self, grace_s: float = 15.0) -> None:
-        """Stops every child, the last started first; none starts or restarts after this."""
+        """Stops every child, the last started first, and redis-server once the services that use it have
+        exited (they leave the registry as they drain); none starts or restarts after this."""
         with self._lock:
             self.stopping.set()
             children = list(self._children.values())
-        for child in reversed(children):
-            if child.proc.poll() is None:
-                child.proc.terminate()
         deadline = time.monotonic() + grace_s
-        for child in children:
-            try:
-                child.proc.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.proc.kill()
-                child.proc.wait()
+        services = [child for child in children if child.name not in self._stores]
+        for group in (services, [child for child in children if child.name in self._stores]):
+            for child in reversed(group):
+                if child.proc.poll() is None:
+                    child.proc.terminate()
+            for child in group:
+                try:
+                    child.proc.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.proc.kill()
+                    child.proc.wait()
 
 
 @dataclass(frozen=True)
@@ -248,12 +330,22 @@ class ClusterSpec:
     tls: bool = False
     certs: Path | None = None  # with tls: the certificates' directory (made there if empty); None: a temporary one
     threads: int = 0  # torch threads of each service; 0: see `service_threads` and `gateway_threads`
+    log_dir: Path | None = None  # each service's log file; None: `default_log_dir()`
 
     def service_threads(self) -> int:
         """The shards' replicas compute side by side and the routers while they wait, so the cores are shared
         out among the replicas: on 2 cores with 2 shards, 1 thread each gave 271 tok/s at 16 streams against
         214 with 2 threads each (docs/benchmarks.md), as threads beyond a free core only wait."""
         return self.threads or max(1, hardware.available_cores() // (self.experts * self.replicas))
+
+    def thread_plan(self) -> str:
+        """The line `up` prints on how it shares out the cores (each service prints its count again)."""
+        if self.threads:
+            return f"threads: {self.threads} for every service (--threads)"
+        return (
+            f"cores: {hardware.describe_cores()}; torch threads: gateway {self.gateway_threads()}, each of the "
+            f"{self.experts * self.replicas} expert replicas and each router {self.service_threads()}"
+        )
 
     def gateway_threads(self) -> int:
         """The gateway gets every core: its largest matmuls (the LM head, read whole at every step) are
@@ -331,9 +423,27 @@ def _cluster_tls(spec: ClusterSpec, scratch: Path) -> Tls:
     return Tls.load(files.cert, files.key, files.ca)
 
 
+def _check_port(host: str, port: int) -> None:
+    """A gateway port that something already listens on fails `up` before any child starts (the gateway would
+    refuse it too, but only once the experts had loaded)."""
+    try:
+        ports.ensure_free("gateway", host, port)
+    except ConfigError as exc:
+        raise ClusterError(str(exc)) from None
+
+
 def up(spec: ClusterSpec) -> int:
+    log_dir = spec.log_dir or default_log_dir()
+    try:
+        _check_port(spec.host, spec.port)
+        log_dir.mkdir(parents=True, exist_ok=True)
+    except (ClusterError, OSError) as exc:
+        print(f"moemesh up: {exc}", file=sys.stderr, flush=True)
+        return 1
+    print(f"logs in {log_dir}", flush=True)
+    print(spec.thread_plan(), flush=True)
     with tempfile.TemporaryDirectory(prefix="moemesh-up-") as scratch:
-        cluster = Cluster(_cluster_tls(spec, Path(scratch)))
+        cluster = Cluster(log_dir, _cluster_tls(spec, Path(scratch)))
         _stop_on_signals(cluster.stopping)
         redis_dir = Path(scratch) / "redis"
         redis_dir.mkdir()

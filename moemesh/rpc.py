@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from moemesh import tls
+from moemesh import ports, tls
 from moemesh.compute_threads import adopt_torch_threads
-from moemesh.errors import MoemeshError, PeerUnreachable, from_status, status_code
+from moemesh.errors import ConfigError, MoemeshError, PeerUnreachable, from_status, status_code
 from moemesh.v1 import call_pb2
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,11 @@ INTERNAL_CHANNEL_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
 ]
-# Servers accept those pings instead of answering them with GOAWAY (too_many_pings).
+# Servers accept those pings instead of answering them with GOAWAY (too_many_pings). gRPC's default
+# SO_REUSEPORT would let a second server bind a port already served, and the kernel split the connections
+# between the two: a port in use is refused instead (`moemesh.ports`).
 SERVER_OPTIONS = CHANNEL_OPTIONS + [
+    ("grpc.so_reuseport", 0),
     ("grpc.http2.min_ping_interval_without_data_ms", KEEPALIVE_TIME_MS // 2),
     ("grpc.http2.max_ping_strikes", 0),
     ("grpc.keepalive_permit_without_calls", 1),
@@ -123,7 +126,11 @@ class Service:
         self.health = health.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.health.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.port = tls.add_port(self.server, f"{host}:{port}", credentials)
+        ports.ensure_free(name, host, port)  # the clear refusal; gRPC's own (a race lost) logs a C-core line first
+        try:
+            self.port = tls.add_port(self.server, f"{host}:{port}", credentials)
+        except RuntimeError as exc:  # "Failed to bind to address ..."
+            raise ConfigError(f"{name}: cannot listen on {host}:{port}: {exc}") from None
         self.address = f"{host}:{self.port}"
 
     def start(self, ready: bool = True) -> None:

@@ -14,6 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moemesh import hardware
 from moemesh.codec import parse_dtype
+from moemesh.compute_report import ComputeReport, dtype_choice, threads_reason
 from moemesh.tls import Tls
 
 ComputeDType = Literal["auto", "float32", "bfloat16"]
@@ -88,9 +89,15 @@ class ServiceSettings(BaseSettings):
         return hardware.resolve_device(self.device)
 
     def compute_dtype(self, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-        if self.dtype == "auto":
-            return hardware.auto_compute_dtype(checkpoint_dtype, device)
-        return parse_dtype(self.dtype)
+        return dtype_choice(self.dtype, checkpoint_dtype, device)[0]
+
+    def compute_report(self, role: str, checkpoint_dtype: torch.dtype, weights: str, kernels: dict[str, str]):
+        """What this service computes with and why (`moemesh.compute_report`), for `weights` held in memory."""
+        device = self.torch_device()
+        dtype, dtype_reason = dtype_choice(self.dtype, checkpoint_dtype, device)
+        return ComputeReport(
+            role, device, dtype, dtype_reason, weights, torch.get_num_threads(), threads_reason(self.threads), kernels
+        )
 
     def set_torch_threads(self) -> None:
         torch.set_num_threads(self.threads or hardware.available_cores())

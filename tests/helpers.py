@@ -2,9 +2,11 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -103,11 +105,19 @@ class OutputProcess:
                 self._changed.wait(min(left, 1.0))
 
 
+def session_alive(sid: int) -> bool:
+    """Whether any process is left in session `sid` (`pgrep -s`)."""
+    return subprocess.run(["pgrep", "-s", str(sid)], capture_output=True).returncode == 0
+
+
 class UpProcess(OutputProcess):
-    """`moemesh up` in its own process group; `lines` collects everything it prints."""
+    """`moemesh up` in a session of its own; `lines` collects everything it prints, `log_dir` holds its services'
+    logs until `stop`."""
 
     def __init__(self, model_dir: Path, *args: str, env: dict[str, str] | None = None):
-        argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--port", "0", *args]
+        self.log_dir = Path(tempfile.mkdtemp(prefix="moemesh-up-logs-"))  # its services' log files
+        argv = [sys.executable, "-m", "moemesh.cli", "up", "--model", str(model_dir), "--port", "0",
+                "--log-dir", str(self.log_dir), *args]  # fmt: skip
         super().__init__(argv, env, new_session=True)
 
     def stop(self, timeout_s: float = 60) -> int:
@@ -116,14 +126,13 @@ class UpProcess(OutputProcess):
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout_s)
         self._reader.join(timeout_s)
+        shutil.rmtree(self.log_dir, ignore_errors=True)
         return code
 
-    def group_alive(self) -> bool:
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
+    def session_alive(self) -> bool:
+        """Whether a process of its session is left: `up` leads it, and its children (each in a process group
+        of its own) stay in it."""
+        return session_alive(self.proc.pid)
 
 
 class Cluster:

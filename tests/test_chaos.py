@@ -222,4 +222,4 @@ def test_chaos_soak(mixtral_dir):
         assert sum(injector.counts.values()) >= 3
     finally:
         cluster.close()
-    assert not cluster.up.group_alive(), "a process of the cluster outlived it"
+    assert not cluster.up.session_alive(), "a process of the cluster outlived it"

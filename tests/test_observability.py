@@ -260,6 +260,12 @@ def test_every_service_exports_metrics_matching_the_traffic(cluster):
     for samples in experts1:
         assert value(samples, "moemesh_expert_parameter_bytes") > 0
         assert value(samples, "moemesh_expert_queue_depth") == 0
+    # What each service computes with, as the labels of one info sample, the same as the line it printed.
+    for samples, kinds in ((gw1, {"attention", "dense", "lm_head", "experts"}), (router1, {"gates"}),
+                           *((e, {"experts"}) for e in experts1)):  # fmt: skip
+        (labels,) = [dict(labels) for name, labels in samples if name == "moemesh_compute_info"]
+        assert labels["device"] == "cpu" and labels["dtype"] in ("float32", "bfloat16")
+        assert {key.removeprefix("kernel_") for key in labels if key.startswith("kernel_")} == kinds
 
 
 @pytest.mark.timeout(120)

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from moemesh import launcher
 from moemesh.v1 import gateway_pb2
-from tests.helpers import Cluster, UpProcess
+from tests.helpers import Cluster, UpProcess, session_alive
 
 pytestmark = pytest.mark.integration
 
@@ -39,11 +40,34 @@ def test_shutdown_leaves_no_child(mixtral_window_dir, sig):
         up.wait_for(r"^gateway listening on 127\.0\.0\.1:\d+$")
         children = children_of(up.proc.pid)
         assert len(children) == 1 + 4 + 2 + 1  # redis, 2 shards x 2 replicas, 2 routers, gateway
+        for name in ("expert-0.0", "expert-1.1", "router-1", "gateway"):  # what each computes with, shown
+            up.wait_for(rf"^\[{name}\] \w+ compute: device cpu, dtype \w+ \(.+\), weights .+; kernels: ", 5)
         up.proc.send_signal(sig)
         assert up.proc.wait(60) == 0
     finally:
         up.stop()
-    assert not up.group_alive(), "a child of moemesh up outlived it"
+    assert not up.session_alive(), "a child of moemesh up outlived it"
+
+
+@pytest.mark.timeout(60)
+def test_up_refuses_a_gateway_port_in_use_before_starting_anything(mixtral_window_dir, tmp_path):
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        up = subprocess.Popen(
+            [sys.executable, "-m", "moemesh.cli", "up", "--model", str(mixtral_window_dir), "--port", str(port),
+             "--log-dir", str(tmp_path / "logs")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
+        out, err = up.communicate(timeout=50)
+    assert up.returncode == 1
+    assert err.strip().splitlines() == [
+        f"moemesh up: gateway: port {port} on 127.0.0.1 is already in use (another moemesh up?); "
+        "choose another port, or 0 for a free one"
+    ]
+    assert out == "" and not (tmp_path / "logs").exists()
+    assert not session_alive(up.pid)
 
 
 @pytest.mark.timeout(120)
@@ -66,10 +90,10 @@ def test_child_that_fails_to_start_fails_up_with_its_cause(mixtral_window_dir, t
 
 
 @pytest.mark.timeout(60)
-def test_a_child_that_keeps_dying_is_restarted_with_a_doubling_backoff(capsys):
+def test_a_child_that_keeps_dying_is_restarted_with_a_doubling_backoff(capsys, tmp_path):
     """A fake service that exits right after its ready line: each run is reported ready, and the waits
     before the restarts double (0.5 s, 1 s, 2 s); after stop() nothing restarts."""
-    cluster = launcher.Cluster()
+    cluster = launcher.Cluster(tmp_path)
     service = launcher.Service("fake", ["sh", "-c", "echo fake listening on 127.0.0.1:1; exit 3"])
     cluster.start(service)
     cluster.supervise(service)
@@ -167,5 +191,5 @@ def test_killed_redis_comes_back_at_its_url_with_its_data(supervised, expected):
 def test_sigterm_after_restarts_stops_everything_and_restarts_nothing(supervised):
     mark = len(supervised.up.lines)
     assert supervised.up.stop() == 0
-    assert not supervised.up.group_alive(), "a (restarted) child of moemesh up outlived it"
+    assert not supervised.up.session_alive(), "a (restarted) child of moemesh up outlived it"
     assert not [line for line in supervised.up.lines[mark:] if "restarting" in line]

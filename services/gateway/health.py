@@ -78,6 +78,8 @@ class Readiness:
             if ready != self._serving:
                 if ready:
                     log.info("ready: dependencies answer")
+                elif self._serving is None:  # the first check, made before the engine starts: no news
+                    log.info("not ready yet: %s", why)
                 else:
                     log.warning("not ready: %s", why)
                 self._serving = ready

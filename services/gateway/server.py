@@ -1,5 +1,6 @@
 """`moemesh gateway`: load the dense model, connect the routed experts, serve the public API."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import redis
@@ -8,8 +9,9 @@ from grpc_reflection.v1alpha import reflection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from moemesh import hardware, tracing
+from moemesh import hardware, ports, tracing
 from moemesh.checkpoint import Checkpoint
+from moemesh.compute_report import attention_kernel, linear_kernel, weights_format
 from moemesh.compute_threads import in_passing_thread
 from moemesh.errors import ConfigError
 from moemesh.model import DenseModel, RoutedExperts, load_experts, load_gates
@@ -199,10 +201,30 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     return service, engine
 
 
+def announce_compute(settings: GatewaySettings, engine: Engine) -> None:
+    checkpoint_dtype = Checkpoint(settings.model).config.checkpoint_dtype
+    dtype, device = engine.dtype, settings.torch_device()
+    linear = linear_kernel(dtype, device)
+    if settings.router:
+        experts = f"the routers at {settings.router}"
+    elif settings.registry:
+        experts = "the expert services of the registry, called by this gateway"
+    else:
+        experts = f"in this process, {linear}"
+    kernels = {"attention": attention_kernel(dtype, device), "dense": linear, "lm head": linear, "experts": experts}
+    report = settings.compute_report("gateway", checkpoint_dtype, weights_format(checkpoint_dtype, dtype), kernels)
+    if settings.one_thread_step_tokens and (settings.router or settings.registry):
+        report = replace(report, threads_reason=f"{report.threads_reason}; steps of at most "
+                         f"{settings.one_thread_step_tokens} tokens on 1, the experts being remote")  # fmt: skip
+    report.announce()
+
+
 def serve(settings: GatewaySettings) -> None:
     settings.set_torch_threads()
     tracing.setup("moemesh-gateway")
+    ports.ensure_free("gateway", settings.host, settings.port)  # before the model loads, not after
     service, engine = create_service(settings)
+    announce_compute(settings, engine)
     serve_metrics("gateway", settings.host, settings.metrics_port)
     engine.start()
     service.start()

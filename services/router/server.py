@@ -8,6 +8,7 @@ import torch
 
 from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
+from moemesh.compute_report import linear_kernel, weights_format
 from moemesh.errors import CheckpointError
 from moemesh.model import load_gates
 from moemesh.moe import RoutedMoE
@@ -101,6 +102,10 @@ def serve(settings: RouterSettings) -> None:
     settings.set_torch_threads()
     tracing.setup("moemesh-router")
     service = create_service(settings)
+    checkpoint_dtype = Checkpoint(settings.model).config.checkpoint_dtype
+    dtype = settings.compute_dtype(checkpoint_dtype, settings.torch_device())
+    kernels = {"gates": linear_kernel(dtype, settings.torch_device())}
+    settings.compute_report("router", checkpoint_dtype, weights_format(checkpoint_dtype, dtype), kernels).announce()
     serve_metrics("router", settings.host, settings.metrics_port)
     service.start()
     service.serve_until_signal(settings.grace_s)
