@@ -16,6 +16,7 @@ from moemesh.codec import parse_dtype
 from moemesh.packed import packing_supported
 from moemesh.quant import INT8PACK_MAX_ROWS
 
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 

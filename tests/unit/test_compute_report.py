@@ -15,7 +15,7 @@ CPU = torch.device("cpu")
     ("flags", "checkpoint", "dtype", "reason"),
     [
         ({"avx2"}, torch.bfloat16, torch.float32, "bfloat16 checkpoint, CPU has no native bf16: fp32 compute"),
-        ({"avx2", "avx512_bf16"}, torch.bfloat16, torch.bfloat16, "bfloat16 checkpoint, CPU has native bf16: bf16 compute"),
+        ({"avx512_bf16"}, torch.bfloat16, torch.bfloat16, "bfloat16 checkpoint, CPU has native bf16: bf16 compute"),
         ({"amx_bf16"}, torch.float16, torch.bfloat16, "float16 checkpoint, CPU has native bf16: bf16 compute"),
         ({"avx512_bf16"}, torch.float32, torch.float32, "float32 checkpoint"),
     ],
