@@ -2,40 +2,57 @@
 
 Every service opens the same directory, checks the whole table of names and shapes against the
 config (cheap: headers only), then reads only the tensors it holds: the router the gates, an expert
-shard its experts, the gateway the rest. Files are memory-mapped by safetensors.
+shard its experts, the gateway the rest. Files are memory-mapped by safetensors. A quantized checkpoint's
+linears are checked and read in their stored form (`moemesh.quant_formats`).
 """
 
 import hashlib
 import json
+from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 
 from moemesh.errors import CheckpointError
 from moemesh.families import Shape, TensorMap, load_config, tensor_table
+from moemesh.quant_formats import QuantizedWeight, quant_format
 
 
 class Checkpoint:
     def __init__(self, model_dir: Path | str):
         self.dir = Path(model_dir)
         self.config = load_config(self.dir)
+        self.quant = quant_format(json.loads((self.dir / "config.json").read_text()))
         self.tensors = tensor_table(self.config)
+        self.quantized: dict[str, Shape] = {}  # linear weights stored quantized: name -> [out, in]
         self._file_of, headers = self._index()
         self._check(headers)
         self.fingerprint = self._fingerprint(headers)
 
-    def load(self, tensors: TensorMap, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    def load(
+        self, tensors: TensorMap, dtype: torch.dtype, device: torch.device, keep_quantized: bool = False
+    ) -> dict[str, torch.Tensor | QuantizedWeight]:
         """Reads the given checkpoint tensors, keyed by our module path, cast to `dtype` on `device` (on the CPU, a
-        tensor stored in `dtype` stays memory-mapped)."""
-        by_file: dict[Path, list[str]] = {}
-        for name in tensors:
-            by_file.setdefault(self._file_of[name], []).append(name)
-        out: dict[str, torch.Tensor] = {}
-        for path, names in by_file.items():
-            with safe_open(path, framework="pt") as f:
-                for name in names:
-                    out[tensors[name][0]] = f.get_tensor(name).to(device, dtype)
+        tensor stored in `dtype` stays memory-mapped). A quantized linear weight is dequantized to `dtype`, or
+        with `keep_quantized` decoded (`moemesh.quant_formats`) and kept at its stored width."""
+        out: dict[str, torch.Tensor | QuantizedWeight] = {}
+        with ExitStack() as files:
+            opened: dict[Path, Any] = {}
+
+            def get(name: str) -> torch.Tensor:
+                path = self._file_of[name]  # KeyError: not stored (an optional tensor of a format)
+                if path not in opened:
+                    opened[path] = files.enter_context(safe_open(path, framework="pt"))
+                return opened[path].get_tensor(name)
+
+            for name, (ours, _) in tensors.items():
+                if name in self.quantized:
+                    weight = self.quant.decode(get, name.removesuffix(".weight"), *self.quantized[name])
+                    out[ours] = weight.to(device) if keep_quantized else weight.dequantize(dtype).to(device)
+                else:
+                    out[ours] = get(name).to(device, dtype)
         return out
 
     def _index(self) -> tuple[dict[str, Path], dict[str, tuple[str, Shape]]]:
@@ -60,14 +77,21 @@ class Checkpoint:
         return file_of, headers
 
     def _check(self, headers: dict[str, tuple[str, Shape]]) -> None:
-        expected = self.tensors.all()
-        missing = sorted(set(expected) - set(headers))
+        stored = {name: shape for name, (_, shape) in self.tensors.all().items()}
+        if self.quant is not None:
+            for name, shape in list(stored.items()):
+                prefix = name.removesuffix(".weight")
+                if len(shape) == 2 and name.endswith(".weight") and self.quant.stores(prefix, headers):
+                    self.quantized[name] = shape
+                    del stored[name]
+                    stored |= self.quant.tensors(prefix, *shape, headers)
+        missing = sorted(set(stored) - set(headers))
         if missing:
             raise CheckpointError(f"{self.dir}: missing tensor {missing[0]}" + _more(missing))
-        unexpected = sorted(n for n in set(headers) - set(expected) if not self.tensors.ignored(n))
+        unexpected = sorted(n for n in set(headers) - set(stored) if not self.tensors.ignored(n))
         if unexpected:
             raise CheckpointError(f"{self.dir}: unexpected tensor {unexpected[0]}" + _more(unexpected))
-        for name, (_, shape) in expected.items():
+        for name, shape in stored.items():
             if headers[name][1] != shape:
                 raise CheckpointError(
                     f"{self.dir}: tensor {name} has shape {list(headers[name][1])}, config implies {list(shape)}"

@@ -19,6 +19,7 @@ from torch import nn
 from moemesh.checkpoint import Checkpoint
 from moemesh.config import GateConfig, ModelConfig, RopeConfig
 from moemesh.packed import pack_linears, packing_supported
+from moemesh.quant_linear import install_quantized
 
 
 class RoutedExperts(Protocol):
@@ -186,6 +187,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: flo
 class Attention(nn.Module):
     """Grouped-query attention with optional q/k/v bias, per-head q/k norm, and a sliding window."""
 
+    FUSED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}  # one projection, the checkpoint's parts concatenated
+
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
         self.layer, self.cfg, self.window = layer, cfg, cfg.window(layer)
@@ -197,7 +200,7 @@ class Attention(nn.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self._register_load_state_dict_pre_hook(_fuse_on_load(["q_proj", "k_proj", "v_proj"], "qkv_proj"))
+        _register_fusion(self)
 
     def forward(self, x: torch.Tensor, rope: RotaryEmbedding, cos, sin, slices: list[SequenceSlice]):
         t, dh = x.shape[0], self.cfg.head_dim
@@ -261,15 +264,24 @@ class MLP(nn.Module):
     they are concatenated when loaded), so a small batch pays one matmul's fixed cost instead of two.
     """
 
+    FUSED = {"gate_up_proj": ["gate_proj", "up_proj"]}
+
     def __init__(self, hidden: int, intermediate: int):
         super().__init__()
         self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
-        self._register_load_state_dict_pre_hook(_fuse_on_load(["gate_proj", "up_proj"], "gate_up_proj"))
+        _register_fusion(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
+
+
+def _register_fusion(module: nn.Module) -> None:
+    """The module's `FUSED` projections are concatenated as its state dict loads (quantized ones before:
+    `moemesh.quant_linear.install_quantized`)."""
+    for fused, parts in module.FUSED.items():
+        module._register_load_state_dict_pre_hook(_fuse_on_load(parts, fused))
 
 
 def _fuse_on_load(parts: list[str], fused: str) -> Callable[..., None]:
@@ -384,18 +396,21 @@ class DenseModel(nn.Module):
     def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> "DenseModel":
         with torch.device("meta"):
             model = cls(ckpt.config)
-        state = ckpt.load(ckpt.tensors.dense(), dtype, device)
+        state = ckpt.load(ckpt.tensors.dense(), dtype, device, keep_quantized=True)
+        if not isinstance(state["embed_tokens.weight"], torch.Tensor):  # looked up by rows: kept in float
+            state["embed_tokens.weight"] = state["embed_tokens.weight"].dequantize(dtype)
         # The LM head is a decode step's largest matmul (a GEMV at one stream). Stored input-major (the same
         # [vocab, hidden] values over a [hidden, vocab] buffer), torch's CPU kernels stream it near memory
         # speed: 0.35x the time in fp32 and 0.76x in bf16 at one row (docs/benchmarks.md).
         # Where the linears are packed for oneDNN (`moemesh.packed`), the packed head is faster still.
         tied = ckpt.config.tie_word_embeddings
         head = state["embed_tokens.weight" if tied else "lm_head.weight"]
-        if not packing_supported(dtype, device):
+        if isinstance(head, torch.Tensor) and not packing_supported(dtype, device):
             head = head.T.contiguous().T
         state["lm_head.weight"] = head
         if tied:
             state["embed_tokens.weight"] = head  # one buffer for both (unless the head is packed)
+        install_quantized(model, state, dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary = RotaryEmbedding(ckpt.config.rope).to(device)
         return pack_linears(model.eval())
@@ -415,14 +430,15 @@ def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> di
 def load_experts(
     ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype, device: torch.device, pack: bool = True
 ) -> dict[tuple[int, int], MLP]:
-    """Reads only the given (layer, expert) pairs' weights; `pack=False` keeps plain `nn.Linear`s (to be
-    quantized)."""
+    """Reads only the given (layer, expert) pairs' weights, quantized ones at their stored width; `pack=False` keeps
+    plain `nn.Linear`s (to be quantized)."""
     cfg = ckpt.config
     experts = {}
     for layer, expert in pairs:
         with torch.device("meta"):
             module = MLP(cfg.hidden_size, cfg.moe_intermediate_size)
-        state = ckpt.load(ckpt.tensors.expert(layer, expert), dtype, device)
+        state = ckpt.load(ckpt.tensors.expert(layer, expert), dtype, device, keep_quantized=True)
+        install_quantized(module, state, dtype)
         module.load_state_dict(state, strict=True, assign=True)
         module = module.eval().requires_grad_(False)
         experts[(layer, expert)] = pack_linears(module) if pack else module

@@ -1,0 +1,125 @@
+"""Quantized checkpoints: every format decodes to the weights an independent unpacker gives, kernels agree,
+weights stay at their stored width, and what is not supported is refused with the field and its value."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moemesh.checkpoint import Checkpoint
+from moemesh.errors import CheckpointError
+from moemesh.quant import parameter_bytes
+from moemesh.quant_formats import IntWeight, quant_format
+from moemesh.quant_linear import IntLinear
+from tests.helpers import make_mixtral
+from tests.quantized_checkpoints import Format, quantize_checkpoint
+
+pytestmark = pytest.mark.timeout(120)
+CPU = torch.device("cpu")
+
+FORMATS = [
+    Format("gptq", 4, 32), Format("gptq", 4, 64, sym=True, desc_act=True), Format("gptq_v2", 4, 32, desc_act=True),
+    Format("gptq", 8, 64, sym=True), Format("gptq", 4, -1), Format("awq", 4, 32), Format("ct-pack", 4, 32, sym=True),
+    Format("ct-pack", 4, 32), Format("ct-pack", 8, 0), Format("ct-int8", 8, 0, sym=True),
+    Format("ct-fp8-channel", 8, 0), Format("ct-fp8-block", 8, 32), Format("fp8-block", 8, 32),
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def float_dir(tmp_path_factory):
+    return make_mixtral(tmp_path_factory.mktemp("float"))
+
+
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_every_quantized_linear_decodes_to_the_reference_weights(float_dir, tmp_path, fmt):
+    model = quantize_checkpoint(float_dir, tmp_path / fmt.name, fmt)
+    ckpt = Checkpoint(model)
+    reference = load_file(model / "reference" / "model.safetensors")
+    original = load_file(float_dir / "model.safetensors")
+    assert len(ckpt.quantized) == 2 * (4 + 4 * 3)  # 2 layers: q, k, v, o and 4 experts' w1, w2, w3
+    table = ckpt.tensors.all()
+    for name in ckpt.quantized:
+        ours = ckpt.load({name: table[name]}, torch.float32, CPU)[table[name][0]]
+        assert torch.equal(ours, reference[name]), name
+        assert not torch.equal(ours, original[name])  # quantized indeed
+    kept = ckpt.load(ckpt.tensors.expert(0, 1), torch.float32, CPU, keep_quantized=True)
+    assert all(not isinstance(w, torch.Tensor) for w in kept.values())
+
+
+def random_int_weight(out: int, inp: int, bits: int, group: int, ordered: bool = False) -> IntWeight:
+    g = torch.Generator().manual_seed(out + inp + bits)
+    groups = inp // group
+    order = torch.randperm(inp, generator=g) if ordered else None
+    return IntWeight(
+        torch.randint(0, 1 << bits, (out, inp), generator=g, dtype=torch.uint8),
+        torch.rand(out, groups, generator=g) / 100 + 1e-3, torch.randint(0, 1 << bits, (out, groups), generator=g).float(),
+        bits, group, order,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("ordered", [False, True])
+def test_the_int4pack_kernel_computes_what_the_dequantized_weight_does(ordered):
+    weight = random_int_weight(96, 256, 4, 64, ordered)
+    x = torch.randn(5, 256)
+    exact = x @ weight.dequantize().T
+    packed = IntLinear(weight, torch.bfloat16)
+    assert packed.kernel == "int4pack"
+    out = packed(x.bfloat16()).float()
+    assert (out - exact).abs().max() < 0.02 * exact.abs().max()
+    plain = IntLinear(weight, torch.float32)
+    assert plain.kernel == "dequantize"
+    torch.testing.assert_close(plain(x), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("dtype", "kernel"), [(torch.bfloat16, "int4pack"), (torch.float32, "dequantize")])
+def test_int4_weights_stay_under_a_third_of_bf16(dtype, kernel):
+    weight = random_int_weight(2816, 1024, 4, 128)
+    layer = IntLinear(weight, dtype)
+    assert layer.kernel == kernel
+    assert parameter_bytes(layer) <= 0.30 * 2816 * 1024 * 2
+
+
+def config_with(tmp_path, float_dir, quantization_config):
+    config = json.loads((float_dir / "config.json").read_text())
+    return config | {"quantization_config": quantization_config}
+
+
+@pytest.mark.parametrize(
+    ("qc", "message"),
+    [
+        ({"quant_method": "bitsandbytes"}, "quantization_config.quant_method: 'bitsandbytes' is not supported"),
+        ({"quant_method": "gptq", "bits": 3}, "quantization_config.bits: 3 is not supported"),
+        ({"quant_method": "gptq", "checkpoint_format": "marlin"}, "quantization_config.checkpoint_format: 'marlin'"),
+        ({"quant_method": "awq", "version": "gemv"}, "quantization_config.version: 'gemv' is not supported"),
+        ({"quant_method": "awq", "zero_point": False}, "quantization_config.zero_point: false is not supported"),
+        ({"quant_method": "fp8", "weight_block_size": None}, "quantization_config.weight_block_size: None"),
+        ({"quant_method": "fp8", "weight_block_size": [128, 128], "activation_scheme": "static"},
+         "quantization_config.activation_scheme: 'static' is not supported"),
+        ({"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+          "config_groups": {"g": {"weights": {"num_bits": 4}}}}, "quantization_config.format: 'nvfp4-pack-quantized'"),
+        ({"quant_method": "compressed-tensors", "config_groups": {"g": {"format": "float-quantized",
+          "weights": {"num_bits": 8, "type": "float", "strategy": "channel"},
+          "input_activations": {"num_bits": 8, "type": "float", "dynamic": False}}}},
+         "quantization_config.config_groups.g.input_activations: static scales are not supported"),
+    ],
+)  # fmt: skip
+def test_an_unsupported_quantization_is_refused_naming_the_field(qc, message):
+    with pytest.raises(CheckpointError, match="^" + message.replace("(", r"\(").replace("[", r"\[")):
+        quant_format({"quantization_config": qc})
+
+
+def test_a_quantized_tensor_of_the_wrong_shape_is_named(float_dir, tmp_path):
+    model = quantize_checkpoint(float_dir, tmp_path / "gptq", Format("gptq", 4, 32))
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 16  # the scales say 32
+    (model / "config.json").write_text(json.dumps(config))
+    Checkpoint(model)  # group sizes are read from the scales' shapes
+    tensors = load_file(model / "model.safetensors")
+    name = "model.layers.0.self_attn.q_proj.qzeros"
+    tensors[name] = tensors[name][:1]
+    from safetensors.torch import save_file
+
+    save_file(tensors, model / "model.safetensors")
+    with pytest.raises(CheckpointError, match=rf"tensor {name} has shape \[1, 8\], config implies \[2, 8\]"):
+        Checkpoint(model)
