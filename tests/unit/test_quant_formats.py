@@ -51,11 +51,10 @@ def random_int_weight(out: int, inp: int, bits: int, group: int, ordered: bool =
     g = torch.Generator().manual_seed(out + inp + bits)
     groups = inp // group
     order = torch.randperm(inp, generator=g) if ordered else None
-    return IntWeight(
-        torch.randint(0, 1 << bits, (out, inp), generator=g, dtype=torch.uint8),
-        torch.rand(out, groups, generator=g) / 100 + 1e-3, torch.randint(0, 1 << bits, (out, groups), generator=g).float(),
-        bits, group, order,
-    )  # fmt: skip
+    codes = torch.randint(0, 1 << bits, (out, inp), generator=g, dtype=torch.uint8)
+    scales = torch.rand(out, groups, generator=g) / 100 + 1e-3
+    zeros = torch.randint(0, 1 << bits, (out, groups), generator=g).float()
+    return IntWeight(codes, scales, zeros, bits, group, order)
 
 
 @pytest.mark.parametrize("ordered", [False, True])
