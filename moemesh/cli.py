@@ -70,7 +70,9 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     up.add_argument("--device", default="auto", help="every service's device: auto, cpu, cuda or cuda:N")
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     up.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    up.add_argument("--quantize", default="none", choices=["none", "int8"], help="expert weights")
+    up.add_argument(
+        "--quantize", default="none", choices=["none", "int8", "int4"], help="expert weights made smaller at load"
+    )
     up.add_argument(
         "--log-dir",
         type=Path,

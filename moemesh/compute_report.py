@@ -6,15 +6,18 @@ fp32, and an operator should see it on a dashboard. The kernel names are those o
 dtype, device and weight format (`moemesh.packed`, `moemesh.quant`, `moemesh.model.attend`).
 """
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
 from prometheus_client import Info
+from torch import nn
 
 from moemesh import hardware
 from moemesh.codec import parse_dtype
-from moemesh.packed import packing_supported
-from moemesh.quant import INT8PACK_MAX_ROWS
+from moemesh.packed import PackedLinear, packing_supported
+from moemesh.quant import INT8PACK_MAX_ROWS, Int8Linear
+from moemesh.quant_linear import Float8Linear, IntLinear
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -94,13 +97,38 @@ def int8_kernel(dtype: torch.dtype, device: torch.device) -> str:
     return f"int8 weight widened to {dtype_name(dtype)}, scaled per output channel"
 
 
+def module_kernels(modules: Iterable[nn.Module], dtype: torch.dtype, device: torch.device) -> str:
+    """The kernels of the linear layers inside `modules`, as loaded (float, packed, int8, int4, fp8), each once."""
+    seen: dict[str, None] = {}
+    for root in modules:
+        for module in root.modules():
+            if isinstance(module, nn.Linear | PackedLinear):
+                seen[linear_kernel(dtype, device)] = None
+            elif isinstance(module, Int8Linear):
+                seen[int8_kernel(dtype, device)] = None
+            elif isinstance(module, IntLinear):
+                how = "_weight_int4pack_mm" if module.kernel == "int4pack" else f"dequantized to {dtype_name(dtype)}"
+                seen[f"int{module.bits} by groups of {module.group_size}, {how}"] = None
+            elif isinstance(module, Float8Linear):
+                seen[f"fp8 e4m3 blocks {module.block[0]}x{module.block[1]}, dequantized to {dtype_name(dtype)}"] = None
+    return ", ".join(seen) or "none"
+
+
 def attention_kernel(dtype: torch.dtype, device: torch.device) -> str:
     if device.type == "cpu" and dtype != torch.float32:
         return f"scaled_dot_product_attention {dtype_name(dtype)} (decode queries in fp32)"
     return f"scaled_dot_product_attention {dtype_name(dtype)}"
 
 
-def weights_format(checkpoint_dtype: torch.dtype, dtype: torch.dtype, quantize: str = "none") -> str:
+QUANTIZED_AT_LOAD = {"int8": "int8 per output channel", "int4": "int4 by groups"}
+
+
+def weights_format(
+    checkpoint_dtype: torch.dtype, dtype: torch.dtype, quantize: str = "none", stored: str | None = None
+) -> str:
+    """The weights' format in memory: a quantized checkpoint's (`stored`, its `QuantFormat.describe()`) kept as
+    stored, float weights in `dtype` or quantized at load (`quantize`)."""
     checkpoint = dtype_name(checkpoint_dtype)
-    held = "int8 per output channel (quantized at load)" if quantize == "int8" else dtype_name(dtype)
-    return held if held == checkpoint else f"{held} (checkpoint {checkpoint})"
+    held = f"{QUANTIZED_AT_LOAD[quantize]} (quantized at load)" if quantize in QUANTIZED_AT_LOAD else dtype_name(dtype)
+    floats = held if held == checkpoint else f"{held} (checkpoint {checkpoint})"
+    return floats if stored is None else f"{stored} as stored, the rest {floats}"

@@ -20,6 +20,8 @@ float32 per output channel).
 are called) for an `Int8Linear`; `parameter_bytes(module)` counts the bytes of its parameters and buffers.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -108,9 +110,15 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     A Linear reached under several names becomes one shared Int8Linear. If `module` is itself an
     `nn.Linear` it cannot be replaced in place: its `Int8Linear` is returned instead.
     """
+    return replace_linears(module, Int8Linear.from_linear)
+
+
+def replace_linears(module: nn.Module, convert: Callable[[nn.Linear], nn.Module]) -> nn.Module:
+    """Replaces every `nn.Linear` inside `module` by `convert(linear)`, in place (one replacement for a Linear
+    reached under several names), and returns `module`; a `module` that is itself a Linear is returned converted."""
     if isinstance(module, nn.Linear):
-        return Int8Linear.from_linear(module)
-    done: dict[int, Int8Linear] = {}
+        return convert(module)
+    done: dict[int, nn.Module] = {}
     targets = [
         (parent, name, child)
         for parent in module.modules()
@@ -119,7 +127,7 @@ def quantize_int8(module: nn.Module) -> nn.Module:
     ]
     for parent, name, child in targets:
         if id(child) not in done:
-            done[id(child)] = Int8Linear.from_linear(child)
+            done[id(child)] = convert(child)
         setattr(parent, name, done[id(child)])
     return module
 

@@ -119,6 +119,10 @@ class QuantFormat:
 
     method: str
 
+    def describe(self) -> str:
+        """The format in a few words, for the line a service prints at start: `gptq 4-bit, groups of 128`."""
+        raise NotImplementedError
+
     def stores(self, prefix: str, headers: dict[str, tuple[str, Shape]]) -> bool:
         """Whether the checkpoint stores this linear quantized."""
         raise NotImplementedError
@@ -168,6 +172,10 @@ class GPTQ(QuantFormat):
         if config.get("pack_dtype", "int32") != "int32":
             raise CheckpointError(f"quantization_config.pack_dtype: {config['pack_dtype']!r} is not supported (int32)")
         self.zero_offset = 1 if fmt == "gptq" else 0
+
+    def describe(self):
+        groups = "per row" if self.group_size <= 0 else f"groups of {self.group_size}"
+        return f"gptq {self.bits}-bit, {groups}"
 
     def stores(self, prefix, headers):
         return f"{prefix}.qweight" in headers
@@ -225,6 +233,9 @@ class AWQ(QuantFormat):
         if not config.get("zero_point", True):
             raise CheckpointError("quantization_config.zero_point: false is not supported (true)")
 
+    def describe(self):
+        return f"awq 4-bit, groups of {self.group_size}"
+
     def stores(self, prefix, headers):
         return f"{prefix}.qweight" in headers
 
@@ -261,6 +272,9 @@ class Fp8Block(QuantFormat):
         if not (isinstance(block, list) and len(block) == 2):
             raise CheckpointError(f"quantization_config.weight_block_size: {block!r} is not supported ([rows, cols])")
         self.block = (int(block[0]), int(block[1]))
+
+    def describe(self):
+        return f"fp8 e4m3, blocks of {self.block[0]}x{self.block[1]}"
 
     def stores(self, prefix, headers):
         return headers.get(f"{prefix}.weight", ("",))[0] == FLOAT8
@@ -310,6 +324,10 @@ class CompressedTensors(QuantFormat):
                 raise CheckpointError(
                     f"quantization_config.config_groups.{name}.{field}: static scales are not supported (dynamic)"
                 )
+
+    def describe(self):
+        kind = "fp8 e4m3" if self.format == "float-quantized" else f"{self.bits}-bit"
+        return f"compressed-tensors {self.format} {kind}, by {self.strategy}"
 
     def stores(self, prefix, headers):
         if self.format == "pack-quantized":

@@ -18,9 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moemesh.quant import replace_linears
 from moemesh.quant_formats import Float8Weight, IntWeight, QuantizedWeight, concatenate
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
+RTN_GROUP = 128  # `--quantize int4`: the group size, where the input splits into whole groups
 INT4PACK_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -108,6 +110,25 @@ class Float8Linear(nn.Module):
         w = Float8Weight(self.weight, self.scales, self.block).dequantize(x.dtype)
         out = F.linear(x, w)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+
+def rtn_int4(weight: torch.Tensor, group_size: int = RTN_GROUP) -> IntWeight:
+    """Round-to-nearest 4-bit codes of a float weight [out, in], min-max per group (asymmetric, as llama.cpp's
+    Q4_1): groups of `group_size` columns, or of 64 or 32 where the input does not split into those, else a row."""
+    out, inp = weight.shape
+    group = next((g for g in (group_size, 64, 32) if inp % g == 0), inp)
+    w = weight.detach().float().view(out, inp // group, group)
+    lo, hi = w.amin(-1).clamp(max=0), w.amax(-1).clamp(min=0)
+    scales = (hi - lo) / 15
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))  # an all-zero group: codes all `zero`
+    zeros = torch.round(-lo / scales)
+    codes = torch.clamp(torch.round(w / scales[..., None]) + zeros[..., None], 0, 15)
+    return IntWeight(codes.view(out, inp).to(torch.uint8), scales, zeros, 4, group)
+
+
+def quantize_int4(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Every `nn.Linear` of `module` as an `IntLinear` of its `rtn_int4` codes (`--quantize int4`)."""
+    return replace_linears(module, lambda linear: IntLinear(rtn_int4(linear.weight), dtype, linear.bias))
 
 
 def quantized_linear(weight: QuantizedWeight, dtype: torch.dtype, bias: torch.Tensor | None = None) -> nn.Module:

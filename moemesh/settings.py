@@ -116,7 +116,12 @@ class ExpertSettings(ServiceSettings):
         description="address routers reach this replica at; default host:port, or with host 0.0.0.0 the IP that "
         "this machine's host name resolves to (a container's own)",
     )
-    quantize: Literal["none", "int8"] = Field("none", description="int8: weight-only, per output channel")
+    quantize: Literal["none", "int8", "int4"] = Field(
+        "none",
+        description="make the checkpoint's float expert weights smaller at load: int8 weight-only per output "
+        "channel, int4 weight-only round-to-nearest by groups of 128 (weights a quantized checkpoint stores "
+        "quantized are served as stored)",
+    )
     fault_slowdown: float = Field(
         1.0, description="fault injection for tests: while on (SIGUSR1 toggles), each call takes this many times longer"
     )

@@ -12,6 +12,7 @@ The codes are round-to-nearest, min-max per group: the formats, not the quantize
 import json
 import re
 import shutil
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,12 +110,18 @@ def awq_reference(qweight, qzeros, scales, group_size: int) -> torch.Tensor:
     return w.T
 
 
-def _gptq(name: str, w: torch.Tensor, fmt: Format, out: dict, seed: int) -> torch.Tensor:
+def _input_seed(name: str) -> int:
+    """One seed for the linears that read the same input (q, k, v; gate and up): GPTQ's act-order sorts the
+    columns by the input's Hessian, which they share."""
+    return zlib.crc32(re.sub(r"\.(w[13]|[qkv]_proj|gate_proj|up_proj)\.weight$", ".input", name).encode())
+
+
+def _gptq(name: str, w: torch.Tensor, fmt: Format, out: dict) -> torch.Tensor:
     prefix, inp = name.removesuffix(".weight"), w.shape[1]
     group = fmt.group_size if fmt.group_size > 0 else inp  # -1: one group a row
     g_idx = torch.arange(inp) // group
-    if fmt.desc_act:  # act-order: the groups are of columns in another order
-        perm = torch.randperm(inp, generator=torch.Generator().manual_seed(seed))
+    if fmt.desc_act:  # act-order: the groups are of columns in another order, the same for linears of one input
+        perm = torch.randperm(inp, generator=torch.Generator().manual_seed(_input_seed(name)))
         g_idx = torch.empty_like(g_idx).index_copy_(0, perm, torch.arange(inp) // group)
     codes, scales, zeros = _codes(w, fmt.bits, fmt.sym, g_idx)
     v1 = fmt.method == "gptq"
@@ -178,6 +185,17 @@ def _fp8(name: str, w: torch.Tensor, fmt: Format, out: dict) -> None:
     return out[f"{prefix}.weight"].float() * expanded
 
 
+def _fits(shape: torch.Size, fmt: Format) -> bool:
+    """Whether the tools would quantize a linear of this shape (they leave a layer whose input does not split
+    into whole groups, or blocks, in float)."""
+    rows, inp = shape
+    if fmt.method in ("fp8-block", "ct-fp8-block"):
+        return rows % fmt.group_size == 0 and inp % fmt.group_size == 0
+    if fmt.method in ("awq", "gptq", "gptq_v2") and rows % (32 // fmt.bits):  # zeros packed along the rows
+        return False
+    return fmt.group_size <= 0 or inp % fmt.group_size == 0
+
+
 def _config(fmt: Format) -> dict:
     if fmt.method in ("gptq", "gptq_v2"):
         return {"quant_method": "gptq", "bits": fmt.bits, "group_size": fmt.group_size, "desc_act": fmt.desc_act,
@@ -215,13 +233,13 @@ def quantize_checkpoint(src: Path, dst: Path, fmt: Format) -> Path:
     for f in sorted(src.glob("*.safetensors")):
         tensors |= load_file(f)
     stored, reference = {}, {}
-    for i, (name, w) in enumerate(sorted(tensors.items())):
-        if not QUANTIZED.search(name):
+    for name, w in sorted(tensors.items()):
+        if not QUANTIZED.search(name) or not _fits(w.shape, fmt):
             stored[name] = reference[name] = w
             continue
         w = w.float()
         if fmt.method in ("gptq", "gptq_v2"):
-            reference[name] = _gptq(name, w, fmt, stored, seed=i)
+            reference[name] = _gptq(name, w, fmt, stored)
         elif fmt.method == "awq":
             reference[name] = _awq(name, w, fmt, stored)
         elif fmt.method in ("ct-pack", "ct-int8"):

@@ -3,11 +3,9 @@
 import signal
 import time
 
-import torch
-
 from moemesh import tracing
 from moemesh.checkpoint import Checkpoint
-from moemesh.compute_report import int8_kernel, linear_kernel, weights_format
+from moemesh.compute_report import module_kernels, weights_format
 from moemesh.compute_threads import in_passing_thread
 from moemesh.registry import Registration, advertised_address
 from moemesh.rpc import Service
@@ -44,12 +42,12 @@ def load_shard(settings: ExpertSettings, servicer: ExpertServicer) -> None:
     servicer.set_shard(shard)
 
 
-def announce_compute(settings: ExpertSettings, checkpoint_dtype: torch.dtype, servicer: ExpertServicer) -> None:
+def announce_compute(settings: ExpertSettings, ckpt: Checkpoint, servicer: ExpertServicer) -> None:
     dtype, device = servicer.compute_dtype, servicer.device
-    quantized = settings.quantize == "int8"
-    kernels = {"experts": int8_kernel(dtype, device) if quantized else linear_kernel(dtype, device)}
-    weights = weights_format(checkpoint_dtype, dtype, settings.quantize)
-    settings.compute_report("expert", checkpoint_dtype, weights, kernels).announce()
+    kernels = {"experts": module_kernels(servicer.shard.run.experts.values(), dtype, device)}
+    stored = ckpt.quant.describe() if ckpt.quantized else None
+    weights = weights_format(ckpt.config.checkpoint_dtype, dtype, settings.quantize, stored)
+    settings.compute_report("expert", ckpt.config.checkpoint_dtype, weights, kernels).announce()
 
 
 def serve(settings: ExpertSettings) -> None:
@@ -64,7 +62,7 @@ def serve(settings: ExpertSettings) -> None:
     shard = servicer.shard
     if settings.fault_slowdown != 1.0:
         signal.signal(signal.SIGUSR1, lambda *_: servicer.toggle_slowdown())
-    announce_compute(settings, Checkpoint(settings.model).config.checkpoint_dtype, servicer)
+    announce_compute(settings, Checkpoint(settings.model), servicer)
     service.ready()
     registration = None
     if settings.registry:

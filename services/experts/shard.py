@@ -9,6 +9,7 @@ from moemesh.errors import InvalidArgument
 from moemesh.model import load_experts
 from moemesh.moe import ExpertGroup, LocalExperts
 from moemesh.quant import parameter_bytes, quantize_int8
+from moemesh.quant_linear import quantize_int4
 from moemesh.sharding import shard_experts
 
 
@@ -28,8 +29,9 @@ class ExpertShard:
     def load(
         cls, ckpt: Checkpoint, spec: str, dtype: torch.dtype, device: torch.device, quantize: str = "none"
     ) -> "ExpertShard":
-        """Reads this shard's experts onto `device`; `quantize="int8"` keeps them as int8 weights with
-        per-channel scales."""
+        """Reads this shard's experts onto `device` (a quantized checkpoint's at their stored width);
+        `quantize="int8"` makes their float weights int8 with per-channel scales, `"int4"` 4-bit codes by
+        group (`moemesh.quant_linear.rtn_int4`)."""
         cfg = ckpt.config
         experts = shard_experts(spec, cfg.num_experts)
         layers = {layer: experts for layer in cfg.moe_layers}
@@ -37,6 +39,8 @@ class ExpertShard:
         modules = load_experts(ckpt, pairs, dtype, device, pack=quantize == "none")
         if quantize == "int8":
             modules = {pair: quantize_int8(module) for pair, module in modules.items()}
+        elif quantize == "int4":
+            modules = {pair: quantize_int4(module, dtype) for pair, module in modules.items()}
         return cls(ckpt.fingerprint, layers, cfg.hidden_size, LocalExperts(modules))
 
     def forward(self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor) -> torch.Tensor:

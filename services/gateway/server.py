@@ -11,7 +11,7 @@ from redis.retry import Retry
 
 from moemesh import hardware, ports, tracing
 from moemesh.checkpoint import Checkpoint
-from moemesh.compute_report import attention_kernel, linear_kernel, weights_format
+from moemesh.compute_report import attention_kernel, module_kernels, weights_format
 from moemesh.compute_threads import in_passing_thread
 from moemesh.errors import ConfigError
 from moemesh.model import DenseModel, RoutedExperts, load_experts, load_gates
@@ -201,18 +201,25 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     return service, engine
 
 
-def announce_compute(settings: GatewaySettings, engine: Engine) -> None:
-    checkpoint_dtype = Checkpoint(settings.model).config.checkpoint_dtype
-    dtype, device = engine.dtype, settings.torch_device()
-    linear = linear_kernel(dtype, device)
+def announce_compute(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint) -> None:
+    dtype, device, model = engine.dtype, engine.device, engine.model
+    attention = [layer.self_attn for layer in model.layers]
+    dense = [part for layer in model.layers for part in (layer.mlp, layer.shared, layer.shared_gate) if part]
     if settings.router:
         experts = f"the routers at {settings.router}"
     elif settings.registry:
         experts = "the expert services of the registry, called by this gateway"
     else:
-        experts = f"in this process, {linear}"
-    kernels = {"attention": attention_kernel(dtype, device), "dense": linear, "lm head": linear, "experts": experts}
-    report = settings.compute_report("gateway", checkpoint_dtype, weights_format(checkpoint_dtype, dtype), kernels)
+        experts = f"in this process: {module_kernels(engine.routed.executor.experts.values(), dtype, device)}"
+    kernels = {
+        "attention": f"{attention_kernel(dtype, device)}; projections {module_kernels(attention, dtype, device)}",
+        "dense": module_kernels(dense, dtype, device),
+        "lm head": module_kernels([model.lm_head], dtype, device),
+        "experts": experts,
+    }
+    stored = ckpt.quant.describe() if ckpt.quantized else None
+    weights = weights_format(ckpt.config.checkpoint_dtype, dtype, stored=stored)
+    report = settings.compute_report("gateway", ckpt.config.checkpoint_dtype, weights, kernels)
     if settings.one_thread_step_tokens and (settings.router or settings.registry):
         report = replace(report, threads_reason=f"{report.threads_reason}; steps of at most "
                          f"{settings.one_thread_step_tokens} tokens on 1, the experts being remote")  # fmt: skip
@@ -224,7 +231,7 @@ def serve(settings: GatewaySettings) -> None:
     tracing.setup("moemesh-gateway")
     ports.ensure_free("gateway", settings.host, settings.port)  # before the model loads, not after
     service, engine = create_service(settings)
-    announce_compute(settings, engine)
+    announce_compute(settings, engine, Checkpoint(settings.model))
     serve_metrics("gateway", settings.host, settings.metrics_port)
     engine.start()
     service.start()

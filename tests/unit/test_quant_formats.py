@@ -122,3 +122,39 @@ def test_a_quantized_tensor_of_the_wrong_shape_is_named(float_dir, tmp_path):
     save_file(tensors, model / "model.safetensors")
     with pytest.raises(CheckpointError, match=rf"tensor {name} has shape \[1, 8\], config implies \[2, 8\]"):
         Checkpoint(model)
+
+
+def test_projections_of_one_input_are_fused_only_when_their_codes_line_up():
+    from moemesh.model import MLP
+    from moemesh.quant_linear import install_quantized
+
+    def state(orders):
+        return {f"{name}.weight": random_int_weight(rows, cols, 4, 32, order is not None)
+                for name, rows, cols, order in zip(("gate_proj", "up_proj", "down_proj"), (96, 96, 64),
+                                                   (64, 64, 96), orders)}  # fmt: skip
+
+    same = state([None, None, None])
+    mlp = MLP(64, 96)
+    install_quantized(mlp, same, torch.float32)
+    assert isinstance(mlp.gate_up_proj, IntLinear) and mlp.gate_up_proj.out_features == 192
+    other = state([None, 1, None])  # up_proj's columns in another order: no one matmul for both
+    mlp = MLP(64, 96)
+    gate, up = other["gate_proj.weight"], other["up_proj.weight"]
+    install_quantized(mlp, other, torch.float32)
+    mlp.load_state_dict(other, strict=True)
+    assert isinstance(mlp.gate_up_proj, torch.nn.Linear) and isinstance(mlp.down_proj, IntLinear)
+    assert torch.equal(mlp.gate_up_proj.weight, torch.cat([gate.dequantize(), up.dequantize()]))
+
+
+def test_int4_made_at_load_rounds_each_weight_to_its_nearest_code():
+    from moemesh.quant_linear import quantize_int4, rtn_int4
+
+    weight = torch.randn(96, 256)
+    codes = rtn_int4(weight)
+    assert codes.group_size == 128 and codes.bits == 4
+    error = (codes.dequantize() - weight).abs()
+    assert bool((error <= codes.scales.repeat_interleave(128, 1) / 2 + 1e-6).all())
+    assert rtn_int4(torch.randn(8, 96)).group_size == 32  # 96 columns: groups of 32
+    linear = torch.nn.Linear(256, 96, bias=False)
+    layer = quantize_int4(linear, torch.bfloat16)
+    assert isinstance(layer, IntLinear) and layer.kernel == "int4pack"
