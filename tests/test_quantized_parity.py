@@ -23,7 +23,8 @@ LOGPROB_TOLERANCE = 1e-4
 MIXTRAL_FORMATS = [
     Format("gptq", 4, 32), Format("gptq", 4, 32, sym=True, desc_act=True), Format("gptq_v2", 8, 64),
     Format("awq", 4, 32), Format("ct-pack", 4, 32), Format("ct-pack", 4, 0, sym=True),
-    Format("ct-int8", 8, 0, sym=True), Format("ct-fp8-channel", 8, 0), Format("ct-fp8-block", 8, 32), Format("fp8-block", 8, 32),
+    Format("ct-int8", 8, 0, sym=True), Format("ct-fp8-channel", 8, 0), Format("ct-fp8-block", 8, 32),
+    Format("fp8-block", 8, 32),
 ]  # fmt: skip
 FAMILY_FORMATS = [Format("gptq", 4, 32, desc_act=True), Format("ct-pack", 4, 32), Format("fp8-block", 8, 8)]
 # Each with what its expert shards say they hold and run.
