@@ -71,6 +71,12 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     up.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     up.add_argument("--wire-dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     up.add_argument(
+        "--quantized-kernels",
+        default="fast",
+        choices=["fast", "exact"],
+        help="4-bit weights in fp32 compute: fast (int4pack on bf16-rounded inputs) or exact (dequantized per call)",
+    )
+    up.add_argument(
         "--quantize", default="none", choices=["none", "int8", "int4"], help="expert weights made smaller at load"
     )
     up.add_argument(
@@ -186,7 +192,8 @@ def _run(args: argparse.Namespace) -> int:
             ClusterSpec(
                 model=args.model or demo_model.bot_dir(), experts=args.experts, replicas=args.replicas,
                 routers=args.routers, threads=args.threads, host=args.host, port=args.port, redis_url=args.redis,
-                device=args.device, dtype=args.dtype, wire_dtype=args.wire_dtype, quantize=args.quantize, tls=args.tls,
+                device=args.device, dtype=args.dtype, wire_dtype=args.wire_dtype, quantize=args.quantize,
+                quantized_kernels=args.quantized_kernels, tls=args.tls,
                 certs=args.certs, log_dir=args.log_dir,
             )
         )  # fmt: skip

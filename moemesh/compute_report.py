@@ -107,7 +107,9 @@ def module_kernels(modules: Iterable[nn.Module], dtype: torch.dtype, device: tor
             elif isinstance(module, Int8Linear):
                 seen[int8_kernel(dtype, device)] = None
             elif isinstance(module, IntLinear):
-                how = "_weight_int4pack_mm" if module.kernel == "int4pack" else f"dequantized to {dtype_name(dtype)}"
+                how = f"dequantized to {dtype_name(dtype)}"
+                if module.kernel == "int4pack":
+                    how = "int4pack" + ("" if module.kernel_dtype == dtype else " on bf16-rounded inputs")
                 seen[f"int{module.bits} by groups of {module.group_size}, {how}"] = None
             elif isinstance(module, Float8Linear):
                 seen[f"fp8 e4m3 blocks {module.block[0]}x{module.block[1]}, dequantized to {dtype_name(dtype)}"] = None

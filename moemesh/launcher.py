@@ -327,6 +327,7 @@ class ClusterSpec:
     dtype: str = "auto"
     wire_dtype: str = "auto"
     quantize: str = "none"
+    quantized_kernels: str = "fast"  # every service's --quantized-kernels
     tls: bool = False
     certs: Path | None = None  # with tls: the certificates' directory (made there if empty); None: a temporary one
     threads: int = 0  # torch threads of each service; 0: see `service_threads` and `gateway_threads`
@@ -366,7 +367,8 @@ def _start(cluster: Cluster, spec: ClusterSpec, redis_dir: Path) -> tuple[Child,
     """Starts every child in dependency order; returns the gateway and the services to supervise."""
     tls = cluster.tls
     common = {"model": spec.model, "host": spec.host, "device": spec.device, "dtype": spec.dtype,
-              "wire-dtype": spec.wire_dtype, "threads": spec.service_threads(), "tls-cert": tls.cert,
+              "wire-dtype": spec.wire_dtype, "quantized-kernels": spec.quantized_kernels,
+              "threads": spec.service_threads(), "tls-cert": tls.cert,
               "tls-key": tls.key, "tls-ca": tls.ca}  # fmt: skip
     supervised = []
     redis_url = spec.redis_url

@@ -1,18 +1,27 @@
 """Linear layers over quantized weights kept at their stored width, and their place in a model.
 
-`IntLinear` holds an `IntWeight` (4-bit codes two to a byte, 8-bit codes one to a byte, a float32 scale and zero
-per row and group) and `Float8Linear` a `Float8Weight`. The kernel is chosen once, at load, for the compute
-dtype and device:
+`IntLinear` holds an `IntWeight` (a float32 scale and zero per row and group) and `Float8Linear` a
+`Float8Weight`. One layout of the codes is kept, chosen at load for the device (`python -m bench.quant_kernels`,
+docs/benchmarks.md):
 
-- 4-bit codes, bf16 or fp16 compute on the CPU, groups of 32-256 columns: `_weight_int4pack_mm_for_cpu`, which
-  reads the packed int4 weight directly (its layout made once by `_convert_weight_to_int4pack_for_cpu`; its
-  dequantization is (code - 8) x scale + zero', so zero' = (8 - zero) x scale);
-- everything else: the weight dequantized at each call into the input's dtype, then `F.linear` (the exact
-  reference path: fp32 compute agrees with a float model of the dequantized weights to fp32 rounding).
+- 4-bit codes on the CPU, groups of 32-256 columns, rows a multiple of 16: `_weight_int4pack_mm_for_cpu`'s own layout (made once by
+  `_convert_weight_to_int4pack_for_cpu`; it dequantizes (code - 8) x scale + zero', so zero' = (8 - zero) x
+  scale). The kernel takes bf16 or fp16 inputs at speed; fp32 inputs are rounded to bf16 for it and its output
+  widened back (in fp32 it runs 10-80x slower), the way llama.cpp rounds activations to 8 bits for its 4-bit
+  dot products, unless `POLICY.exact` (`--quantized-kernels exact`) asks for the exact path below. On the benchmark model's expert shapes (2 threads, AVX512-bf16 CPU) it takes 0.13-0.15 ms at
+  one row against 0.43-0.46 ms for fp32 weights, and loses from ~32 rows on (1.3 against 1.5 ms, 5.3 against
+  3.5 ms at 128);
+- otherwise (8-bit codes, other group sizes, CUDA): codes one or two to a byte, the weight dequantized into
+  the input's dtype at each call, then `F.linear`: exact (fp32 compute agrees with a float model of the
+  dequantized weights to fp32 rounding) but paying a pass over the whole weight per call.
 
 `install_quantized` swaps a model's `nn.Linear`s for these where the state dict holds quantized weights, fusing
 the projections a module computes as one (q, k, v; gate, up) when their formats allow.
 """
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,15 +32,34 @@ from moemesh.quant_formats import Float8Weight, IntWeight, QuantizedWeight, conc
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
 RTN_GROUP = 128  # `--quantize int4`: the group size, where the input splits into whole groups
-INT4PACK_DTYPES = (torch.bfloat16, torch.float16)
+INT4PACK_DTYPES = (torch.bfloat16, torch.float16)  # what the kernel takes at speed; other inputs are cast to bf16
 
 
-def int4pack_fits(weight: IntWeight, dtype: torch.dtype, device: torch.device) -> bool:
+@dataclass
+class KernelPolicy:
+    """What the process's quantized layers may trade for speed (`ServiceSettings.quantized_kernels`)."""
+
+    exact: bool = False  # fp32 compute: 4-bit weights dequantized per call, never on bf16-rounded inputs
+
+
+POLICY = KernelPolicy()
+
+
+@contextmanager
+def exact_kernels() -> Iterator[None]:
+    """Layers made inside use the exact paths (tests that compare fp32 compute with a float reference)."""
+    before, POLICY.exact = POLICY.exact, True
+    try:
+        yield
+    finally:
+        POLICY.exact = before
+
+
+def int4pack_fits(weight: IntWeight, device: torch.device) -> bool:
     out, inp = weight.shape
     return (
-        weight.bits == 4 and device.type == "cpu" and dtype in INT4PACK_DTYPES
-        and weight.group_size in INT4PACK_GROUPS and inp % weight.group_size == 0
-        and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
+        weight.bits == 4 and device.type == "cpu" and weight.group_size in INT4PACK_GROUPS
+        and inp % weight.group_size == 0 and out % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     )  # fmt: skip
 
 
@@ -45,12 +73,15 @@ class IntLinear(nn.Module):
         self.bias = bias
         self.register_buffer("order", weight.order, persistent=False)
         device = weight.codes.device
-        if int4pack_fits(weight, dtype, device):
+        if int4pack_fits(weight, device) and (dtype in INT4PACK_DTYPES or not POLICY.exact):
             self.kernel = "int4pack"
+            self.kernel_dtype = dtype if dtype in INT4PACK_DTYPES else torch.bfloat16
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(weight.codes.to(torch.int32), 2)
             scale_and_zero = torch.stack((weight.scales, (8 - weight.zeros) * weight.scales), dim=-1)  # [out, G, 2]
             self.register_buffer("packed", packed, persistent=False)
-            self.register_buffer("scale_and_zero", scale_and_zero.transpose(0, 1).contiguous().to(dtype), False)
+            self.register_buffer(
+                "scale_and_zero", scale_and_zero.transpose(0, 1).contiguous().to(self.kernel_dtype), persistent=False
+            )
             return
         self.kernel = "dequantize"
         codes = weight.codes
@@ -62,15 +93,22 @@ class IntLinear(nn.Module):
         self.register_buffer("zeros", weight.zeros, persistent=False)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [out, in] in `dtype`, columns in the codes' order (`order`)."""
+        """The weight [out, in] in `dtype`, columns in the codes' order (`order`); one pass of in-place ops."""
+        out, inp, g = self.out_features, self.in_features, self.group_size
         codes = self.codes
         if self.bits == 4:
-            codes = torch.stack((codes & 0xF, codes >> 4), dim=-1).view(self.out_features, -1)
-        g = self.group_size
-        w = (codes.to(dtype) - self.zeros.to(dtype).repeat_interleave(g, 1)[:, : self.in_features]) * (
-            self.scales.to(dtype).repeat_interleave(g, 1)[:, : self.in_features]
-        )
-        return w
+            unpacked = torch.empty(out, inp // 2, 2, dtype=torch.uint8, device=codes.device)
+            torch.bitwise_and(codes, 0xF, out=unpacked[..., 0])
+            torch.bitwise_right_shift(codes, 4, out=unpacked[..., 1])
+            codes = unpacked
+        groups = self.scales.shape[1]
+        w = codes.reshape(out, -1).to(dtype)
+        if groups * g != inp:  # a last, shorter group
+            return (w - self.zeros.to(dtype).repeat_interleave(g, 1)[:, :inp]) * self.scales.to(
+                dtype
+            ).repeat_interleave(g, 1)[:, :inp]
+        w = w.view(out, groups, g)
+        return w.sub_(self.zeros.to(dtype)[..., None]).mul_(self.scales.to(dtype)[..., None]).view(out, inp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -79,8 +117,8 @@ class IntLinear(nn.Module):
             x2 = x2.index_select(1, self.order)
         if self.kernel == "int4pack":
             out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.contiguous(), self.packed, self.group_size, self.scale_and_zero
-            )
+                x2.to(self.kernel_dtype).contiguous(), self.packed, self.group_size, self.scale_and_zero
+            ).to(x.dtype)
         else:
             out = F.linear(x2, self.dequantized(x.dtype))
         if self.bias is not None:

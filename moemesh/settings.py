@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from moemesh import hardware
 from moemesh.codec import parse_dtype
 from moemesh.compute_report import ComputeReport, dtype_choice, threads_reason
+from moemesh.quant_linear import POLICY
 from moemesh.tls import Tls
 
 ComputeDType = Literal["auto", "float32", "bfloat16"]
@@ -48,6 +49,12 @@ class ServiceSettings(BaseSettings):
         description="fix glibc malloc's mmap and trim thresholds, so that large buffers freed by one step or call "
         "are reused by the next instead of mapped and faulted in again (moemesh.allocator); false: the C "
         "library's defaults. MALLOC_*_ or GLIBC_TUNABLES malloc settings in the environment win either way",
+    )
+    quantized_kernels: Literal["fast", "exact"] = Field(
+        "fast",
+        description="fast: 4-bit weights run the int4pack kernel where it fits, its inputs rounded to bf16 when "
+        "the compute dtype is fp32 (as llama.cpp rounds them to 8 bits); exact: in fp32 compute they are "
+        "dequantized at each call instead (slower; a float model of the dequantized weights to fp32 rounding)",
     )
     grace_s: float = Field(10.0, description="seconds to finish in-flight work on SIGTERM")
     metrics_port: int = Field(-1, description="Prometheus metrics HTTP port; -1: off, 0: a free port")
@@ -99,8 +106,10 @@ class ServiceSettings(BaseSettings):
             role, device, dtype, dtype_reason, weights, torch.get_num_threads(), threads_reason(self.threads), kernels
         )
 
-    def set_torch_threads(self) -> None:
+    def configure_compute(self) -> None:
+        """The process's torch threads and the trade its quantized layers may make (before any weight loads)."""
         torch.set_num_threads(self.threads or hardware.available_cores())
+        POLICY.exact = self.quantized_kernels == "exact"
 
     def wire_torch_dtype(self, compute: torch.dtype) -> torch.dtype:
         return compute if self.wire_dtype == "auto" else parse_dtype(self.wire_dtype)

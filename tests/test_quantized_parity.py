@@ -3,13 +3,18 @@ fp32 compute, in one process for every format and family, and through `moemesh u
 
 The reference is `transformers` on the float model of the weights that code independent of moemesh's decodes
 from the checkpoint (`tests/quantized_checkpoints.py`); for DeepSeek-style fp8 also `transformers` loading the
-fp8 checkpoint itself. The issue's bound is 5e-3 on log-probs; the fp32 path dequantizes exactly, so it is held
-to fp32 rounding instead.
+fp8 checkpoint itself. These run with `--quantized-kernels exact`, so the format's decoding alone is under test,
+held to fp32 rounding (log-probs within 1e-4). The default kernels round a 4-bit layer's fp32 inputs to bf16:
+their log-probs along the reference's tokens are held to 5e-3 (measured ~1e-3; a near-tie of a random tiny
+model can then pick another greedy token, so tokens are compared in exact mode only).
 """
 
 import pytest
 import torch
 
+from moemesh.checkpoint import Checkpoint
+from moemesh.model import DenseModel, KVCache, SequenceSlice, StepBatch
+from moemesh.quant_linear import IntLinear, exact_kernels
 from moemesh.v1 import gateway_pb2
 from services.gateway.server import local_experts
 from tests.family_checkpoints import FAMILIES
@@ -19,7 +24,7 @@ from tests.quantized_checkpoints import Format, quantize_checkpoint
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 STEPS = 24
 PROMPT = [(31 * i + 7) % 500 for i in range(12)]
-LOGPROB_TOLERANCE = 1e-4
+EXACT_TOLERANCE, FAST_TOLERANCE = 1e-4, 5e-3
 MIXTRAL_FORMATS = [
     Format("gptq", 4, 32), Format("gptq", 4, 32, sym=True, desc_act=True), Format("gptq_v2", 8, 64),
     Format("awq", 4, 32), Format("ct-pack", 4, 32), Format("ct-pack", 4, 0, sym=True),
@@ -47,11 +52,12 @@ def logprobs(tokens: list[int], logits: list[torch.Tensor]) -> list[float]:
 def assert_matches(tokens: list[int], ours: list[float], reference: tuple[list[int], list[torch.Tensor]]) -> None:
     ref_tokens, ref_logits = reference
     assert tokens == ref_tokens
-    assert max(abs(a - b) for a, b in zip(ours, logprobs(ref_tokens, ref_logits), strict=True)) < LOGPROB_TOLERANCE
+    assert max(abs(a - b) for a, b in zip(ours, logprobs(ref_tokens, ref_logits), strict=True)) < EXACT_TOLERANCE
 
 
 def in_process(model_dir) -> tuple[list[int], list[float]]:
-    tokens, logits = stepwise_logits(model_dir, lambda c: local_experts(c, torch.float32, CPU), PROMPT, STEPS)
+    with exact_kernels():
+        tokens, logits = stepwise_logits(model_dir, lambda c: local_experts(c, torch.float32, CPU), PROMPT, STEPS)
     return tokens, logprobs(tokens, logits)
 
 
@@ -76,7 +82,7 @@ def test_every_family_in_process_matches_transformers(tmp_path, family, fmt):
 def test_up_with_two_shards_matches_transformers(mixtral, tmp_path, fmt):
     model = quantize_checkpoint(mixtral, tmp_path / "q", fmt)
     reference = hf_greedy(model / "reference", PROMPT, STEPS)
-    cluster = Cluster(model, "--experts", "2", "--dtype", "float32")
+    cluster = Cluster(model, "--experts", "2", "--dtype", "float32", "--quantized-kernels", "exact")
     try:
         response = cluster.stub.Generate(
             gateway_pb2.GenerateRequest(
@@ -92,3 +98,31 @@ def test_up_with_two_shards_matches_transformers(mixtral, tmp_path, fmt):
             assert f"weights {weights} as stored" in line and line.endswith(f"kernels: experts: {kernels} to float32")
     finally:
         cluster.close()
+
+
+def forced_logprobs(model_dir, tokens: list[int]) -> list[float]:
+    """Our log-probs of `tokens`, each step fed the previous one (teacher forcing), with the default kernels."""
+    ckpt = Checkpoint(model_dir)
+    dense = DenseModel.from_checkpoint(ckpt, torch.float32, CPU)
+    routed = local_experts(ckpt, torch.float32, CPU)
+    assert {m.kernel for m in routed.executor.experts[(0, 0)].modules() if isinstance(m, IntLinear)} == {"int4pack"}
+    cache = KVCache(ckpt.config, torch.float32, CPU)
+    ids, out = PROMPT, []
+    for token in tokens:
+        n = len(ids)
+        batch = StepBatch(
+            torch.tensor(ids), torch.arange(cache.length, cache.length + n), [SequenceSlice(0, n, cache)],
+            torch.tensor([n - 1]),
+        )  # fmt: skip
+        out.append(dense([batch], routed)[0].log_softmax(-1)[token].item())
+        cache.length += n
+        ids = [token]
+    return out
+
+
+@pytest.mark.parametrize("fmt", [f for f in MIXTRAL_FORMATS if f.bits == 4], ids=lambda f: f.name)
+def test_the_fast_int4_kernel_stays_within_the_bound(mixtral, tmp_path, fmt):
+    model = quantize_checkpoint(mixtral, tmp_path / "q", fmt)
+    tokens, logits = hf_greedy(model / "reference", PROMPT, STEPS)
+    drift = [abs(a - b) for a, b in zip(forced_logprobs(model, tokens), logprobs(tokens, logits), strict=True)]
+    assert 0 < max(drift) < FAST_TOLERANCE

@@ -51,7 +51,7 @@ def announce_compute(settings: ExpertSettings, ckpt: Checkpoint, servicer: Exper
 
 
 def serve(settings: ExpertSettings) -> None:
-    settings.set_torch_threads()
+    settings.configure_compute()
     tracing.setup("moemesh-expert")
     service, servicer = create_service(settings, load=False)
     serve_metrics("expert", settings.host, settings.metrics_port)

@@ -227,7 +227,7 @@ def announce_compute(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint
 
 
 def serve(settings: GatewaySettings) -> None:
-    settings.set_torch_threads()
+    settings.configure_compute()
     tracing.setup("moemesh-gateway")
     ports.ensure_free("gateway", settings.host, settings.port)  # before the model loads, not after
     service, engine = create_service(settings)

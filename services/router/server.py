@@ -99,7 +99,7 @@ def wait_for_coverage(placement: Placement, static: list[str], timeout_s: float)
 
 
 def serve(settings: RouterSettings) -> None:
-    settings.set_torch_threads()
+    settings.configure_compute()
     tracing.setup("moemesh-router")
     service = create_service(settings)
     checkpoint_dtype = Checkpoint(settings.model).config.checkpoint_dtype

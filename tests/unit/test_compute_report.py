@@ -71,7 +71,7 @@ def test_settings_report_the_threads_they_set(tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     try:
         settings = ExpertSettings(model=tmp_path)
-        settings.set_torch_threads()
+        settings.configure_compute()
         report = settings.compute_report("expert", torch.bfloat16, "float32", {})
     finally:
         torch.set_num_threads(threads)

@@ -61,9 +61,9 @@ def test_a_service_sets_torch_threads_from_its_cores(monkeypatch):
     threads = torch.get_num_threads()
     monkeypatch.setattr(hardware, "available_cores", lambda: 1)
     try:
-        ExpertSettings(model="m").set_torch_threads()
+        ExpertSettings(model="m").configure_compute()
         assert torch.get_num_threads() == 1
-        ExpertSettings(model="m", threads=2).set_torch_threads()
+        ExpertSettings(model="m", threads=2).configure_compute()
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ from moemesh.checkpoint import Checkpoint
 from moemesh.errors import CheckpointError
 from moemesh.quant import parameter_bytes
 from moemesh.quant_formats import IntWeight, quant_format
-from moemesh.quant_linear import IntLinear
+from moemesh.quant_linear import IntLinear, exact_kernels
 from tests.helpers import make_mixtral
 from tests.quantized_checkpoints import Format, quantize_checkpoint
 
@@ -62,21 +62,25 @@ def test_the_int4pack_kernel_computes_what_the_dequantized_weight_does(ordered):
     weight = random_int_weight(96, 256, 4, 64, ordered)
     x = torch.randn(5, 256)
     exact = x @ weight.dequantize().T
-    packed = IntLinear(weight, torch.bfloat16)
-    assert packed.kernel == "int4pack"
-    out = packed(x.bfloat16()).float()
-    assert (out - exact).abs().max() < 0.02 * exact.abs().max()
-    plain = IntLinear(weight, torch.float32)
+    for dtype in (torch.bfloat16, torch.float32):  # fp32 inputs: rounded to bf16 for the kernel
+        packed = IntLinear(weight, dtype)
+        assert packed.kernel == "int4pack"
+        out = packed(x.to(dtype))
+        assert out.dtype == dtype and (out.float() - exact).abs().max() < 0.02 * exact.abs().max()
+    with exact_kernels():
+        plain = IntLinear(weight, torch.float32)
+        assert IntLinear(weight, torch.bfloat16).kernel == "int4pack"  # bf16 compute: exact in its dtype
     assert plain.kernel == "dequantize"
     torch.testing.assert_close(plain(x), exact, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize(("dtype", "kernel"), [(torch.bfloat16, "int4pack"), (torch.float32, "dequantize")])
-def test_int4_weights_stay_under_a_third_of_bf16(dtype, kernel):
+def test_int4_weights_stay_under_a_third_of_bf16():
     weight = random_int_weight(2816, 1024, 4, 128)
-    layer = IntLinear(weight, dtype)
-    assert layer.kernel == kernel
-    assert parameter_bytes(layer) <= 0.30 * 2816 * 1024 * 2
+    with exact_kernels():
+        layers = [IntLinear(weight, torch.bfloat16), IntLinear(weight, torch.float32)]
+    assert [layer.kernel for layer in layers] == ["int4pack", "dequantize"]
+    for layer in layers:
+        assert parameter_bytes(layer) <= 0.30 * 2816 * 1024 * 2
 
 
 def config_with(tmp_path, float_dir, quantization_config):
