@@ -4,13 +4,14 @@
 `Float8Weight`. One layout of the codes is kept, chosen at load for the device (`python -m bench.quant_kernels`,
 docs/benchmarks.md):
 
-- 4-bit codes on the CPU, groups of 32-256 columns, rows a multiple of 16: `_weight_int4pack_mm_for_cpu`'s own layout (made once by
-  `_convert_weight_to_int4pack_for_cpu`; it dequantizes (code - 8) x scale + zero', so zero' = (8 - zero) x
-  scale). The kernel takes bf16 or fp16 inputs at speed; fp32 inputs are rounded to bf16 for it and its output
-  widened back (in fp32 it runs 10-80x slower), the way llama.cpp rounds activations to 8 bits for its 4-bit
-  dot products, unless `POLICY.exact` (`--quantized-kernels exact`) asks for the exact path below. On the benchmark model's expert shapes (2 threads, AVX512-bf16 CPU) it takes 0.13-0.15 ms at
-  one row against 0.43-0.46 ms for fp32 weights, and loses from ~32 rows on (1.3 against 1.5 ms, 5.3 against
-  3.5 ms at 128);
+- 4-bit codes on the CPU, groups of 32-256 columns, rows a multiple of 16: `_weight_int4pack_mm_for_cpu`'s
+  own layout (made once by `_convert_weight_to_int4pack_for_cpu`; it dequantizes (code - 8) x scale + zero',
+  so zero' = (8 - zero) x scale). The kernel takes bf16 or fp16 inputs at speed; fp32 inputs are rounded to
+  bf16 for it and its output widened back (in fp32 it runs 10-80x slower), the way llama.cpp rounds
+  activations to 8 bits for its 4-bit dot products, unless `POLICY.exact` (`--quantized-kernels exact`) asks
+  for the exact path below. On the benchmark model's expert shapes (2 threads, AVX512-bf16 CPU) it takes
+  0.13-0.15 ms at one row against 0.43-0.46 ms for fp32 weights, and loses from ~32 rows on (1.3 against
+  1.5 ms, 5.3 against 3.5 ms at 128);
 - otherwise (8-bit codes, other group sizes, CUDA): codes one or two to a byte, the weight dequantized into
   the input's dtype at each call, then `F.linear`: exact (fp32 compute agrees with a float model of the
   dequantized weights to fp32 rounding) but paying a pass over the whole weight per call.
