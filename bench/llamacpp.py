@@ -46,6 +46,7 @@ VERSION = "0.3.36"  # llama-cpp-python release whose vendored llama.cpp is built
 CACHE = Path.home() / ".cache" / "moemesh" / "llama.cpp"
 GGUF_CACHE = Path.home() / ".cache" / "moemesh" / "gguf"
 SERVER = "llama-server"
+QUANTIZE = "llama-quantize"  # writes Q4_0, Q4_K_M, Q8_0 GGUFs from the converted 16-bit one
 SIDE = "llama.cpp"
 HELD_BACK = -1  # id of a token llama-server generated but did not stream (see stream_token_ids)
 REPO = Path(__file__).resolve().parents[1]
@@ -89,17 +90,19 @@ def source_dir(version: str = VERSION) -> Path:
 
 
 def build(version: str = VERSION) -> Path:
-    """Path of the `llama-server` binary, built (Release, CPU only, native) unless already cached."""
+    """Path of the `llama-server` binary (and `llama-quantize` beside it), built (Release, CPU only, native)
+    unless already cached."""
     src = source_dir(version)
     out = CACHE / version / "build"
     binary = out / "bin" / SERVER
-    if binary.exists():
+    if binary.exists() and (out / "bin" / QUANTIZE).exists():
         return binary
     generator = ["-G", "Ninja"] if shutil.which("ninja") else []
     started = time.monotonic()
     print(f"building llama.cpp (llama-cpp-python {version}) into {out}; takes minutes, once", flush=True)
     subprocess.run(["cmake", "-S", str(src), "-B", str(out), *generator, *CMAKE_FLAGS], check=True)
-    subprocess.run(["cmake", "--build", str(out), "--target", SERVER, "-j", str(os.cpu_count() or 1)], check=True)
+    jobs = str(os.cpu_count() or 1)
+    subprocess.run(["cmake", "--build", str(out), "--target", SERVER, QUANTIZE, "-j", jobs], check=True)
     print(f"built {binary} in {time.monotonic() - started:.0f} s", flush=True)
     return binary
 

@@ -77,7 +77,10 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
         help="4-bit weights in fp32 compute: fast (int4pack on bf16-rounded inputs) or exact (dequantized per call)",
     )
     up.add_argument(
-        "--quantize", default="none", choices=["none", "int8", "int4"], help="expert weights made smaller at load"
+        "--quantize",
+        default="none",
+        choices=["none", "int8", "int4"],
+        help="float weights made smaller at load: the experts', and the gateway's attention, MLPs and LM head",
     )
     up.add_argument(
         "--log-dir",

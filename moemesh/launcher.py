@@ -393,7 +393,7 @@ def _start(cluster: Cluster, spec: ClusterSpec, redis_dir: Path) -> tuple[Child,
     ]
     router_addresses = ",".join(child.address for child in _start_group(cluster, routers))
     experts_at = {"router": router_addresses} if routers else {"registry": redis_url}  # no routers: it routes itself
-    gateway_flags = experts_at | {"redis": redis_url, "port": spec.port, "metrics-port": 0,
+    gateway_flags = experts_at | {"redis": redis_url, "port": spec.port, "metrics-port": 0, "quantize": spec.quantize,
                                   "threads": spec.gateway_threads()}  # fmt: skip
     gateway = cluster.start(_service("gateway", "gateway", common | gateway_flags, GATEWAY_ENV))
     return gateway, supervised + experts + routers

@@ -19,7 +19,7 @@ from torch import nn
 from moemesh.checkpoint import Checkpoint
 from moemesh.config import GateConfig, ModelConfig, RopeConfig
 from moemesh.packed import pack_linears, packing_supported
-from moemesh.quant_linear import install_quantized
+from moemesh.quant_linear import install_quantized, quantize_linears
 
 
 class RoutedExperts(Protocol):
@@ -393,7 +393,11 @@ class DenseModel(nn.Module):
         return self.norm(x[batch.logit_rows])
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> "DenseModel":
+    def from_checkpoint(
+        cls, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quantize: str = "none"
+    ) -> "DenseModel":
+        """The dense part; a quantized checkpoint's linears at their stored width, and with `quantize` (int8,
+        int4) the float ones made smaller too (attention, dense and shared MLPs, LM head; not the embeddings)."""
         with torch.device("meta"):
             model = cls(ckpt.config)
         state = ckpt.load(ckpt.tensors.dense(), dtype, device, keep_quantized=True)
@@ -413,7 +417,7 @@ class DenseModel(nn.Module):
         install_quantized(model, state, dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary = RotaryEmbedding(ckpt.config.rope).to(device)
-        return pack_linears(model.eval())
+        return _finish_linears(model.eval(), quantize, dtype)
 
 
 def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> dict[int, Gate]:
@@ -427,11 +431,16 @@ def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> di
     return gates
 
 
+def _finish_linears(module: nn.Module, quantize: str, dtype: torch.dtype) -> nn.Module:
+    """Float linears packed for oneDNN where that pays (`moemesh.packed`), or made int8 / int4 (`quantize`)."""
+    return pack_linears(module) if quantize == "none" else quantize_linears(module, quantize, dtype)
+
+
 def load_experts(
-    ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype, device: torch.device, pack: bool = True
+    ckpt: Checkpoint, pairs: list[tuple[int, int]], dtype: torch.dtype, device: torch.device, quantize: str = "none"
 ) -> dict[tuple[int, int], MLP]:
-    """Reads only the given (layer, expert) pairs' weights, quantized ones at their stored width; `pack=False` keeps
-    plain `nn.Linear`s (to be quantized)."""
+    """Reads only the given (layer, expert) pairs' weights, quantized ones at their stored width; `quantize` (int8,
+    int4) makes the float ones smaller."""
     cfg = ckpt.config
     experts = {}
     for layer, expert in pairs:
@@ -441,5 +450,5 @@ def load_experts(
         install_quantized(module, state, dtype)
         module.load_state_dict(state, strict=True, assign=True)
         module = module.eval().requires_grad_(False)
-        experts[(layer, expert)] = pack_linears(module) if pack else module
+        experts[(layer, expert)] = _finish_linears(module, quantize, dtype)
     return experts

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moemesh.quant import replace_linears
+from moemesh.quant import quantize_int8, replace_linears
 from moemesh.quant_formats import Float8Weight, IntWeight, QuantizedWeight, concatenate
 
 INT4PACK_GROUPS = (32, 64, 128, 256)
@@ -168,6 +168,15 @@ def rtn_int4(weight: torch.Tensor, group_size: int = RTN_GROUP) -> IntWeight:
 def quantize_int4(module: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Every `nn.Linear` of `module` as an `IntLinear` of its `rtn_int4` codes (`--quantize int4`)."""
     return replace_linears(module, lambda linear: IntLinear(rtn_int4(linear.weight), dtype, linear.bias))
+
+
+def quantize_linears(module: nn.Module, method: str, dtype: torch.dtype) -> nn.Module:
+    """`--quantize`: every float `nn.Linear` of `module` made int8 (per output channel) or int4 (`rtn_int4`)."""
+    if method == "int8":
+        return quantize_int8(module)
+    if method == "int4":
+        return quantize_int4(module, dtype)
+    raise ValueError(f"quantize: {method!r} is not a method (int8, int4)")
 
 
 def quantized_linear(weight: QuantizedWeight, dtype: torch.dtype, bias: torch.Tensor | None = None) -> nn.Module:

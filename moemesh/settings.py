@@ -20,6 +20,17 @@ from moemesh.tls import Tls
 
 ComputeDType = Literal["auto", "float32", "bfloat16"]
 WireDType = Literal["auto", "float32", "bfloat16", "float16"]
+Quantize = Literal["none", "int8", "int4"]
+
+
+# The expert services' and the gateway's `--quantize`.
+QUANTIZE_FIELD = Field(
+    "none",
+    description="make the checkpoint's float weights smaller at load (an expert service: its experts; a gateway: "
+    "attention, dense and shared MLPs, LM head, and experts it holds): int8 weight-only per output channel, int4 "
+    "weight-only round-to-nearest by groups of 128; weights a quantized checkpoint stores quantized are served "
+    "as stored",
+)
 
 
 class ServiceSettings(BaseSettings):
@@ -118,18 +129,13 @@ class ServiceSettings(BaseSettings):
 class ExpertSettings(ServiceSettings):
     internal: ClassVar[bool] = True
 
+    quantize: Quantize = QUANTIZE_FIELD
     shard: str = Field("0/1", description="i/N: hold the i-th of N contiguous slices of every layer's experts")
     registry: str | None = Field(None, description="Redis URL to announce this replica in (heartbeat TTL)")
     advertise: str | None = Field(
         None,
         description="address routers reach this replica at; default host:port, or with host 0.0.0.0 the IP that "
         "this machine's host name resolves to (a container's own)",
-    )
-    quantize: Literal["none", "int8", "int4"] = Field(
-        "none",
-        description="make the checkpoint's float expert weights smaller at load: int8 weight-only per output "
-        "channel, int4 weight-only round-to-nearest by groups of 128 (weights a quantized checkpoint stores "
-        "quantized are served as stored)",
     )
     fault_slowdown: float = Field(
         1.0, description="fault injection for tests: while on (SIGUSR1 toggles), each call takes this many times longer"
@@ -153,6 +159,7 @@ class RouterSettings(ServiceSettings):
 
 
 class GatewaySettings(ServiceSettings):
+    quantize: Quantize = QUANTIZE_FIELD
     router: str | None = Field(
         None,
         description="router addresses, comma-separated (failover in order); unset: this gateway routes itself, to "

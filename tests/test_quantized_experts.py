@@ -11,9 +11,9 @@ from services.experts.shard import ExpertShard
 from tests.helpers import Cluster, hf_greedy
 from tests.test_parity import PROMPT, hf_logprobs
 
-# First-token log-prob drift against fp32 `transformers`: int8 measured ~1e-3 (docs/benchmarks.md, int8 section),
-# int4 (round-to-nearest by groups, made at load) ~1e-2 on this tiny model.
-LOGPROB_BOUND = {"int8": 0.01, "int4": 0.05}
+# First-token log-prob drift against fp32 `transformers`: int8 (experts) measured ~1e-3 (docs/benchmarks.md, int8
+# section); int4 (round-to-nearest by groups, made at load, experts and the gateway's linears) bounded looser.
+LOGPROB_BOUND = {"int8": 0.01, "int4": 0.1}
 # Expert bytes per shard against fp32: int8 a quarter plus scales; int4 an eighth plus a scale and a zero per group
 # (groups of 64 here: the tiny model's hidden size; on the benchmark model, 128).
 BYTES_SHARE = {"int8": 0.3, "int4": 0.2}
@@ -34,8 +34,9 @@ def test_int8_shard_holds_a_quarter_of_the_fp32_bytes(mixtral_window_dir):
     assert (approx - exact).norm() / exact.norm() < 0.02
 
 
-def first_token_drift(cluster: Cluster, model_dir) -> float:
-    """|log-prob of the first greedy token through the cluster - the same under `transformers` fp32|."""
+def first_token_drift(cluster: Cluster, model_dir, same_token: bool = True) -> float:
+    """|log-prob of the first greedy token through the cluster - that token's under `transformers` fp32|; with
+    `same_token`, the token is `transformers`' own greedy one."""
     hf_tokens, hf_logits = hf_greedy(model_dir, PROMPT, 1)
     response = cluster.stub.Generate(
         gateway_pb2.GenerateRequest(
@@ -43,8 +44,9 @@ def first_token_drift(cluster: Cluster, model_dir) -> float:
         ),
         timeout=60,
     )
-    assert list(response.token_ids) == hf_tokens
-    return abs(response.logprobs[0] - hf_logprobs(hf_tokens, hf_logits)[0])
+    if same_token:
+        assert list(response.token_ids) == hf_tokens
+    return abs(response.logprobs[0] - hf_logprobs(list(response.token_ids), hf_logits)[0])
 
 
 def test_int4_shard_holds_codes_by_group(mixtral_window_dir):
@@ -63,7 +65,9 @@ def test_int4_shard_holds_codes_by_group(mixtral_window_dir):
 def test_quantized_cluster_stays_close_to_transformers(mixtral_window_dir, quantize):
     cluster = Cluster(mixtral_window_dir, "--experts", "2", "--dtype", "float32", "--quantize", quantize)
     try:
-        assert first_token_drift(cluster, mixtral_window_dir) < LOGPROB_BOUND[quantize]
+        # int4: the gateway's attention and LM head too (a near-tie of this random model may then flip the token)
+        drift = first_token_drift(cluster, mixtral_window_dir, same_token=quantize == "int8")
+        assert drift < LOGPROB_BOUND[quantize]
         ckpt = Checkpoint(mixtral_window_dir)
         for i, address in enumerate(cluster.experts):
             with grpc.insecure_channel(address) as channel:

@@ -8,8 +8,7 @@ from moemesh.checkpoint import Checkpoint
 from moemesh.errors import InvalidArgument
 from moemesh.model import load_experts
 from moemesh.moe import ExpertGroup, LocalExperts
-from moemesh.quant import parameter_bytes, quantize_int8
-from moemesh.quant_linear import quantize_int4
+from moemesh.quant import parameter_bytes
 from moemesh.sharding import shard_experts
 
 
@@ -36,11 +35,7 @@ class ExpertShard:
         experts = shard_experts(spec, cfg.num_experts)
         layers = {layer: experts for layer in cfg.moe_layers}
         pairs = [(layer, e) for layer, held in layers.items() for e in held]
-        modules = load_experts(ckpt, pairs, dtype, device, pack=quantize == "none")
-        if quantize == "int8":
-            modules = {pair: quantize_int8(module) for pair, module in modules.items()}
-        elif quantize == "int4":
-            modules = {pair: quantize_int4(module, dtype) for pair, module in modules.items()}
+        modules = load_experts(ckpt, pairs, dtype, device, quantize)
         return cls(ckpt.fingerprint, layers, cfg.hidden_size, LocalExperts(modules))
 
     def forward(self, layer: int, groups: list[ExpertGroup], rows: torch.Tensor) -> torch.Tensor:

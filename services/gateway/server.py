@@ -63,7 +63,7 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
     elif settings.registry:
         routed = in_passing_thread(lambda: registry_experts(settings, ckpt, device, dtype))
     else:
-        routed = in_passing_thread(lambda: local_experts(ckpt, dtype, device))
+        routed = in_passing_thread(lambda: local_experts(ckpt, dtype, device, settings.quantize))
     config = EngineConfig(
         settings.max_batch_seqs,
         settings.max_batch_tokens,
@@ -76,7 +76,7 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
     )
     text = TextCodec.from_dir(settings.model)
     eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids
-    dense = in_passing_thread(lambda: DenseModel.from_checkpoint(ckpt, dtype, device))
+    dense = in_passing_thread(lambda: DenseModel.from_checkpoint(ckpt, dtype, device, settings.quantize))
     engine = Engine(dense, routed, config, text, eos_ids, controls.output)
     return engine, ckpt
 
@@ -91,13 +91,12 @@ def registry_experts(
     return remote_moe(ckpt, device, dtype, settings.wire_torch_dtype(dtype), services, settings.tls())
 
 
-def local_experts(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> RoutedMoE:
+def local_experts(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quantize: str = "none") -> RoutedMoE:
     """Every routed expert, in this process (a gateway without a router)."""
     cfg = ckpt.config
     pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-    return RoutedMoE(
-        load_gates(ckpt, dtype, device), LocalExperts(load_experts(ckpt, pairs, dtype, device)), cfg.num_experts
-    )
+    experts = LocalExperts(load_experts(ckpt, pairs, dtype, device, quantize))
+    return RoutedMoE(load_gates(ckpt, dtype, device), experts, cfg.num_experts)
 
 
 def redis_client(settings: GatewaySettings) -> redis.Redis | None:
@@ -218,7 +217,7 @@ def announce_compute(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint
         "experts": experts,
     }
     stored = ckpt.quant.describe() if ckpt.quantized else None
-    weights = weights_format(ckpt.config.checkpoint_dtype, dtype, stored=stored)
+    weights = weights_format(ckpt.config.checkpoint_dtype, dtype, settings.quantize, stored)
     report = settings.compute_report("gateway", ckpt.config.checkpoint_dtype, weights, kernels)
     if settings.one_thread_step_tokens and (settings.router or settings.registry):
         report = replace(report, threads_reason=f"{report.threads_reason}; steps of at most "
