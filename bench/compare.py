@@ -159,22 +159,24 @@ def run_open_loop(model: Path, experts: int, requests: list[Request], vocab_size
 
 
 def side_runners(
-    model: Path, experts: int, vocab_size: int, binary: Path, gguf: Path, routers: int = 1
+    model: Path, experts: int, vocab_size: int, binary: Path, gguf: Path, routers: int = 1, quantize: str = "none"
 ) -> dict[str, tuple[str, Runner]]:
     return {
         "in-process": (
-            "in-process (experts in the engine's process, no gRPC)",
-            lambda levels, requests: run_in_process(model, levels, requests, vocab_size, profile=False)[0],
+            f"in-process (experts in the engine's process, no gRPC; --quantize {quantize})",
+            lambda levels, requests: run_in_process(
+                model, levels, requests, vocab_size, profile=False, quantize=quantize
+            )[0],
         ),
         "moemesh-up": (
-            f"moemesh up --experts {experts} --routers {routers} (GenerateStream over gRPC)",
+            f"moemesh up --experts {experts} --routers {routers} --quantize {quantize} (GenerateStream over gRPC)",
             lambda levels, requests: run_distributed(
                 model, experts, levels, requests, vocab_size, profile=False, service_threads=0, side=UP,
-                routers=routers,
+                routers=routers, quantize=quantize,
             )[0],
         ),
         llamacpp.SIDE: (
-            f"llama.cpp (llama-server, llama-cpp-python {llamacpp.VERSION})",
+            f"llama.cpp (llama-server, llama-cpp-python {llamacpp.VERSION}, {gguf.name})",
             lambda levels, requests: llamacpp.run_llamacpp(binary, gguf, levels, requests, vocab_size),
         ),
         **{
@@ -209,6 +211,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--routers", type=int, default=1, help="routers of `moemesh up` (default 1; 0: the gateway routes itself)"
     )
+    parser.add_argument(
+        "--quantize", default="none", choices=["none", "int8", "int4"],
+        help="moemesh's weights made smaller at load; llama.cpp runs the same bits (Q8_0, Q4_0) unless --gguf-type",
+    )  # fmt: skip
+    parser.add_argument(
+        "--gguf-type", choices=llamacpp.QUANT_TYPES,
+        help="llama.cpp's weights: 16-bit as converted, or made by llama-quantize (default: --quantize's bits)",
+    )  # fmt: skip
     parser.add_argument("--load", type=float, default=0.5, help="open loop's arrival rate, x capacity (default 0.5)")
     parser.add_argument("--sides", default=",".join(SIDES), help=f"default {','.join(SIDES)}")
     parser.add_argument("--quick", action="store_true", help="the small run described below")
@@ -249,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = str(cfg.checkpoint_dtype).removeprefix("torch.")
     binary = gguf = Path()
     if llamacpp.SIDE in args.side_list:  # first, so that a failing build or conversion fails before the long runs
-        binary, gguf = llamacpp.prepare(model, dtype)
+        binary, gguf = llamacpp.prepare(model, dtype, args.gguf_type or llamacpp.SAME_BITS[args.quantize])
     mixed = mixed_requests(args.mixed_requests, cfg.vocab_size, _pair(args.mixed_prompt), _pair(args.mixed_new))
     fixed = fixed_requests(args.requests, cfg.vocab_size, args.max_new_tokens)
     compute = auto_compute_dtype(cfg.checkpoint_dtype, torch.device("cpu"))
@@ -271,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{mixed_floor_s:.2f} s ({sum(r.max_new for r in mixed) / mixed_floor_s:.0f} useful tok/s)",
         flush=True,
     )  # fmt: skip
-    runs = side_runners(model, args.experts, cfg.vocab_size, binary, gguf, args.routers)
+    runs = side_runners(model, args.experts, cfg.vocab_size, binary, gguf, args.routers, args.quantize)
     plan = [
         Workload("mixed", mixed, [len(mixed)], args.side_list),
         Workload("fixed", fixed, args.levels, [s for s in args.side_list if s != hf.SERIAL]),

@@ -47,6 +47,8 @@ CACHE = Path.home() / ".cache" / "moemesh" / "llama.cpp"
 GGUF_CACHE = Path.home() / ".cache" / "moemesh" / "gguf"
 SERVER = "llama-server"
 QUANTIZE = "llama-quantize"  # writes Q4_0, Q4_K_M, Q8_0 GGUFs from the converted 16-bit one
+QUANT_TYPES = ("native", "Q8_0", "Q4_0", "Q4_K_M")  # native: the converter's 16-bit (or fp32) GGUF
+SAME_BITS = {"none": "native", "int8": "Q8_0", "int4": "Q4_0"}  # llama.cpp's type at moemesh's --quantize bits
 SIDE = "llama.cpp"
 HELD_BACK = -1  # id of a token llama-server generated but did not stream (see stream_token_ids)
 REPO = Path(__file__).resolve().parents[1]
@@ -262,7 +264,20 @@ def run_llamacpp(binary: Path, gguf: Path, levels: list[int], requests: Sequence
     return results
 
 
-def prepare(model: Path, checkpoint_dtype: str) -> tuple[Path, Path]:
-    """(llama-server binary, GGUF of `model`), built and converted unless cached."""
+def quantized(gguf: Path, qtype: str, binary: Path) -> Path:
+    """`gguf` requantized by `llama-quantize` to `qtype` (Q4_0, Q4_K_M, Q8_0), cached beside it."""
+    out = gguf.with_name(f"{gguf.name.removesuffix('.gguf')}.{qtype}.gguf")
+    if not out.exists():
+        tmp = out.with_suffix(".tmp")
+        threads = str(os.cpu_count() or 1)
+        subprocess.run([str(binary.with_name(QUANTIZE)), str(gguf), str(tmp), qtype, threads], check=True)
+        tmp.rename(out)
+    return out
+
+
+def prepare(model: Path, checkpoint_dtype: str, qtype: str = "native") -> tuple[Path, Path]:
+    """(llama-server binary, GGUF of `model`: its 16-bit conversion, or `qtype`), built and converted unless
+    cached."""
     binary = build()
-    return binary, convert(model, gguf_outtype(checkpoint_dtype, cpu_flags()))
+    gguf = convert(model, gguf_outtype(checkpoint_dtype, cpu_flags()))
+    return binary, gguf if qtype == "native" else quantized(gguf, qtype, binary)

@@ -239,13 +239,16 @@ def _engine_client(engine) -> Client:
 
 
 def run_in_process(model: Path, levels: list[int], requests: Sequence[Request], vocab_size: int,
-                   profile: bool, device: str = "auto") -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
+                   profile: bool, device: str = "auto",
+                   quantize: str = "none") -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
     from prometheus_client import REGISTRY
 
     from moemesh.settings import GatewaySettings
     from services.gateway.server import build_engine
 
-    engine, _ = build_engine(GatewaySettings(model=model, device=device))
+    settings = GatewaySettings(model=model, device=device, quantize=quantize)
+    settings.configure_compute()
+    engine, _ = build_engine(settings)
     engine.start()
     try:
         one = _engine_client(engine)
@@ -273,6 +276,7 @@ def start_up(
     extra_env: dict[str, str] | None = None,
     replicas: int = 1,
     routers: int = 1,
+    quantize: str = "none",
 ) -> ServiceProcess:
     """`moemesh up` in a new session (so that everything it starts can be found and checked at the end), its
     environment this process's plus `extra_env`; `routers=0`: the gateway routes itself."""
@@ -280,6 +284,7 @@ def start_up(
     argv += ["--replicas", str(replicas)] if replicas > 1 else []
     argv += ["--routers", str(routers)] if routers != 1 else []
     argv += ["--threads", str(service_threads)] if service_threads else []
+    argv += ["--quantize", quantize] if quantize != "none" else []
     env = os.environ | (extra_env or {})
     return ServiceProcess("moemesh up", argv, env)
 
@@ -295,8 +300,8 @@ def _scrape_step_stats(address: str) -> tuple[float, float]:
 
 def run_distributed(model: Path, experts: int, levels: list[int], requests: Sequence[Request], vocab_size: int,
                     profile: bool, service_threads: int, extra_env: dict[str, str] | None = None,
-                    side: str = "distributed", arrival_rate: float = 0.0,
-                    routers: int = 1) -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
+                    side: str = "distributed", arrival_rate: float = 0.0, routers: int = 1,
+                    quantize: str = "none") -> tuple[list[LevelResult], Profile | None]:  # fmt: skip
     import grpc
 
     from moemesh.rpc import CHANNEL_OPTIONS
@@ -304,7 +309,7 @@ def run_distributed(model: Path, experts: int, levels: list[int], requests: Sequ
 
     if profile and not routers:
         raise ValueError("the profile drives the engine over the cluster's router: it needs routers")
-    up = start_up(model, experts, service_threads, extra_env, routers=routers)
+    up = start_up(model, experts, service_threads, extra_env, routers=routers, quantize=quantize)
     try:
         address = up.wait_for(r"^gateway listening on (\S+)").group(1)
         router = up.wait_for(r"^\[router-0\] ready on (\S+)").group(1) if routers else "none (the gateway routes)"

@@ -10,8 +10,9 @@ docs/benchmarks.md):
   bf16 for it and its output widened back (in fp32 it runs 10-80x slower), the way llama.cpp rounds
   activations to 8 bits for its 4-bit dot products, unless `POLICY.exact` (`--quantized-kernels exact`) asks
   for the exact path below. On the benchmark model's expert shapes (2 threads, AVX512-bf16 CPU) it takes
-  0.13-0.15 ms at one row against 0.43-0.46 ms for fp32 weights, and loses from ~32 rows on (1.3 against
-  1.5 ms, 5.3 against 3.5 ms at 128);
+  0.13-0.15 ms at one row against 0.43-0.46 ms for fp32 weights, but its time grows with the rows (5.3 against
+  3.5 ms at 128): from the row count where it loses (`gemm_rows`, measured at load for each shape), the
+  weight is read back from that layout into the compute dtype and multiplied by a dense GEMM;
 - otherwise (8-bit codes, other group sizes, CUDA): codes one or two to a byte, the weight dequantized into
   the input's dtype at each call, then `F.linear`: exact (fp32 compute agrees with a float model of the
   dequantized weights to fp32 rounding) but paying a pass over the whole weight per call.
@@ -20,7 +21,9 @@ docs/benchmarks.md):
 the projections a module computes as one (q, k, v; gate, up) when their formats allow.
 """
 
-from collections.abc import Iterator
+import sys
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -64,6 +67,38 @@ def int4pack_fits(weight: IntWeight, device: torch.device) -> bool:
     )  # fmt: skip
 
 
+NEVER = sys.maxsize
+PROBE_ROWS = (16, 32, 64, 128, 256, 512)
+_GEMM_ROWS: dict[tuple[int, int, int, torch.dtype], int] = {}  # by (out, in, group size, compute dtype)
+
+
+def gemm_rows(layer: "IntLinear", dtype: torch.dtype) -> int:
+    """The fewest rows from which dequantizing an int4pack layer once and a dense GEMM beat the int4pack kernel
+    (which computes row by row: ~linear in rows), measured on the first layer of each shape and dtype."""
+    key = (layer.out_features, layer.in_features, layer.group_size, dtype)
+    if key not in _GEMM_ROWS:
+        _GEMM_ROWS[key] = next((rows for rows in PROBE_ROWS if _gemm_wins(layer, dtype, rows)), NEVER)
+    return _GEMM_ROWS[key]
+
+
+def _gemm_wins(layer: "IntLinear", dtype: torch.dtype, rows: int) -> bool:
+    x = torch.randn(rows, layer.in_features, dtype=dtype)
+    with torch.inference_mode():
+        packed = _best_s(lambda: layer.int4pack_mm(x))
+        dense = _best_s(lambda: F.linear(x, layer.int4pack_dequantized(dtype)))
+    return dense < packed
+
+
+def _best_s(run: Callable[[], object], repeats: int = 3) -> float:
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
 class IntLinear(nn.Module):
     """y = x W^T (+ b) over integer codes; `kernel` is `int4pack` or `dequantize` (see the module's doc)."""
 
@@ -83,6 +118,7 @@ class IntLinear(nn.Module):
             self.register_buffer(
                 "scale_and_zero", scale_and_zero.transpose(0, 1).contiguous().to(self.kernel_dtype), persistent=False
             )
+            self.gemm_rows = gemm_rows(self, dtype) if self.out_features % 64 == 0 else NEVER
             return
         self.kernel = "dequantize"
         codes = weight.codes
@@ -92,6 +128,17 @@ class IntLinear(nn.Module):
         self.register_buffer("codes", codes.contiguous(), persistent=False)
         self.register_buffer("scales", weight.scales, persistent=False)
         self.register_buffer("zeros", weight.zeros, persistent=False)
+
+    def int4pack_dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight [out, in] in `dtype` read back from the int4pack layout, which (as
+        `_convert_weight_to_int4pack_for_cpu` writes it for rows in blocks of 64) holds in each byte the codes of
+        rows r (low nibble) and r + 32 of one column: [row block, column / 4, column % 4, r]."""
+        n, k, g = self.out_features, self.in_features, self.group_size
+        v = self.packed.view(n // 64, k // 4, 4, 32)
+        codes = torch.stack((v & 0xF, v >> 4)).permute(1, 0, 4, 2, 3).reshape(n, k)
+        scale, zero = self.scale_and_zero.to(dtype).unbind(-1)  # [groups, out] each
+        w = codes.to(dtype).view(n, k // g, g).sub_(8)
+        return w.mul_(scale.T[..., None]).add_(zero.T[..., None]).view(n, k)
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
         """The weight [out, in] in `dtype`, columns in the codes' order (`order`); one pass of in-place ops."""
@@ -116,15 +163,20 @@ class IntLinear(nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if self.order is not None:
             x2 = x2.index_select(1, self.order)
-        if self.kernel == "int4pack":
-            out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-                x2.to(self.kernel_dtype).contiguous(), self.packed, self.group_size, self.scale_and_zero
-            ).to(x.dtype)
+        if self.kernel == "int4pack" and x2.shape[0] < self.gemm_rows:
+            out = self.int4pack_mm(x2).to(x.dtype)
+        elif self.kernel == "int4pack":  # enough rows that dequantizing once and a dense GEMM win
+            out = F.linear(x2, self.int4pack_dequantized(x.dtype))
         else:
             out = F.linear(x2, self.dequantized(x.dtype))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.reshape(*lead, self.out_features)
+
+    def int4pack_mm(self, x2: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x2.to(self.kernel_dtype).contiguous(), self.packed, self.group_size, self.scale_and_zero
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -162,3 +162,18 @@ def test_int4_made_at_load_rounds_each_weight_to_its_nearest_code():
     linear = torch.nn.Linear(256, 96, bias=False)
     layer = quantize_int4(linear, torch.bfloat16)
     assert isinstance(layer, IntLinear) and layer.kernel == "int4pack"
+
+
+def test_an_int4pack_layer_reads_its_weight_back_and_switches_to_a_gemm_for_many_rows():
+    weight = random_int_weight(128, 256, 4, 64)
+    layer = IntLinear(weight, torch.float32)
+    # scale and zero are held in bf16 for the kernel: each weight within their rounding
+    torch.testing.assert_close(layer.int4pack_dequantized(torch.float32), weight.dequantize(), rtol=0, atol=2e-3)
+    x = torch.randn(40, 256)
+    small = layer(x)
+    layer.gemm_rows = 8  # as if measured: from 8 rows on, the dense GEMM
+    assert (layer(x) - small).abs().max() < 0.02 * small.abs().max()
+    assert (layer(x) - x @ weight.dequantize().T).abs().max() < 0.02 * small.abs().max()
+    from moemesh.quant_linear import NEVER, PROBE_ROWS
+
+    assert IntLinear(weight, torch.float32).gemm_rows in (*PROBE_ROWS, NEVER)
