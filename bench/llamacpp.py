@@ -57,6 +57,10 @@ CMAKE_FLAGS = (
     "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON",
     "-DLLAMA_BUILD_UI=OFF", "-DLLAMA_USE_PREBUILT_UI=OFF",  # no web UI, and no download of one at build time
     "-DLLAMA_OPENSSL=OFF", "-DGGML_CUDA=OFF", "-DGGML_METAL=OFF", "-DGGML_VULKAN=OFF",
+    # ggml's AMX kernels (which `-march=native` turns on where the CPU has AMX) segfault in the first matmul of a
+    # quantized model on the VMs this bench runs on (ggml_backend_amx_mul_mat); the AVX-512 kernels run instead.
+    "-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
+    "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16",
 )  # fmt: skip
 
 
@@ -95,7 +99,7 @@ def build(version: str = VERSION) -> Path:
     """Path of the `llama-server` binary (and `llama-quantize` beside it), built (Release, CPU only, native)
     unless already cached."""
     src = source_dir(version)
-    out = CACHE / version / "build"
+    out = CACHE / version / "build-noamx"
     binary = out / "bin" / SERVER
     if binary.exists() and (out / "bin" / QUANTIZE).exists():
         return binary

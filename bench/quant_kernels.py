@@ -6,8 +6,9 @@ ms per call with the weights read from memory (enough copies to fill ~400 MB, cy
 - fp32: `F.linear` on fp32 weights (a bf16 checkpoint on a CPU without native bf16, `--dtype auto`);
 - bf16: `F.linear` on bf16 weights in bf16, and prepacked for oneDNN where the CPU has native bf16;
 - int8: `Int8Linear` (per output channel; `_weight_int8pack_mm` for bf16 up to 12 rows);
-- int4: `IntLinear` with each of its kernels: `int4pack` (`_weight_int4pack_mm_for_cpu`) on bf16 inputs and on
-  fp32 inputs cast to bf16 around it, and `dequantize` (the weight dequantized to the input's dtype per call);
+- int4: `IntLinear` as it loads (`int4pack`, `_weight_int4pack_mm_for_cpu`, on bf16 inputs, or on fp32 inputs
+  rounded to bf16; from the row count measured at load, `gemm_rows`, the weight read back for a dense GEMM),
+  the int4pack kernel alone, and the exact path (`--quantized-kernels exact`: dequantized to fp32 per call);
 - fp8: `Float8Linear` (e4m3 weights, 128 x 128 block scales, dequantized per call).
 
     .venv/bin/python -m bench.quant_kernels [--markdown] [--rows 1,4,32,128]
@@ -25,7 +26,7 @@ from bench.micro import _median_us
 from moemesh.packed import PackedLinear, packing_supported
 from moemesh.quant import Int8Linear
 from moemesh.quant_formats import Float8Weight
-from moemesh.quant_linear import Float8Linear, IntLinear, rtn_int4
+from moemesh.quant_linear import NEVER, Float8Linear, IntLinear, exact_kernels, rtn_int4
 
 SHAPES = [("expert gate/up", 1024, 2816), ("expert down", 2816, 1024), ("LM head", 1024, 32000)]
 BUDGET_BYTES = 400_000_000
@@ -40,9 +41,8 @@ def _copies(inputs: int, outputs: int, bytes_per_weight: float) -> int:
     return max(2, int(BUDGET_BYTES // (inputs * outputs * bytes_per_weight)))
 
 
-def _int4_bf16_io(layer: IntLinear, x: torch.Tensor) -> torch.Tensor:
-    """fp32 in and out, the int4pack kernel on bf16 in between."""
-    return layer(x.bfloat16()).float()
+def _rows(layer: IntLinear) -> str:
+    return "never" if layer.gemm_rows == NEVER else f"{layer.gemm_rows} rows"
 
 
 def kernels(inputs: int, outputs: int) -> dict[str, tuple[list[Callable], torch.dtype]]:
@@ -67,10 +67,13 @@ def kernels(inputs: int, outputs: int) -> dict[str, tuple[list[Callable], torch.
     n = _copies(inputs, outputs, 0.5)
     codes = rtn_int4(w)
     packed = [IntLinear(codes, torch.bfloat16) for _ in range(n)]
-    out["int4 int4pack bf16"] = (packed, torch.bfloat16)
-    out["int4 int4pack, fp32 cast to bf16"] = ([partial(_int4_bf16_io, layer) for layer in packed], torch.float32)
-    plain = [IntLinear(codes, torch.float32) for _ in range(n)]
-    out["int4 dequantize fp32"] = (plain, torch.float32)
+    loaded = [IntLinear(codes, torch.float32) for _ in range(n)]
+    out[f"int4 bf16 (dense GEMM from {_rows(packed[0])})"] = (packed, torch.bfloat16)
+    out[f"int4 fp32 (dense GEMM from {_rows(loaded[0])})"] = (loaded, torch.float32)
+    out["int4 int4pack kernel alone, bf16"] = ([layer.int4pack_mm for layer in packed], torch.bfloat16)
+    with exact_kernels():
+        plain = [IntLinear(codes, torch.float32) for _ in range(n)]
+    out["int4 exact: dequantized to fp32"] = (plain, torch.float32)
     n = _copies(inputs, outputs, 1)
     scales = torch.rand(-(-outputs // 128), -(-inputs // 128)) / 100
     fp8 = Float8Weight((w / 0.01).to(torch.float8_e4m3fn), scales, (128, 128))
