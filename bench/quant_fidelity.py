@@ -99,7 +99,14 @@ def main() -> None:
             f"{sum(drift) / len(drift):.4f}", f"{max(drift):.4f}",
         ])  # fmt: skip
     print(f"\n{args.prompts} prompts x {args.steps} steps, fp32 compute, teacher-forced on the fp32 model's tokens")
-    header = ["--quantize", "shard 0/2 experts MB", "x bf16 bytes", "top-1 agreement", "mean abs dlogp", "max abs dlogp"]
+    header = [
+        "--quantize",
+        "shard 0/2 experts MB",
+        "x bf16 bytes",
+        "top-1 agreement",
+        "mean abs dlogp",
+        "max abs dlogp",
+    ]
     table(header, rows, args.markdown)
 
 
