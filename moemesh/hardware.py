@@ -98,16 +98,20 @@ def auto_compute_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> t
     return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
+def _affinity() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def available_cores() -> int:
     """Cores this process may use: its CPU affinity, capped by its cgroup's CPU quota (rounded up)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = _affinity()
     quota = _cgroup_quota()
     return max(1, min(cores, math.ceil(quota))) if quota else cores
 
 
 def describe_cores() -> str:
     """How `available_cores` came out: `2 (CPU affinity 2, no cgroup CPU quota)`."""
-    affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    affinity = _affinity()
     quota = _cgroup_quota()
     limit = f"cgroup CPU quota {quota:g}" if quota else "no cgroup CPU quota"
     return f"{available_cores()} (CPU affinity {affinity}, {limit})"

@@ -86,6 +86,7 @@ class Child:
     shown_errors: int = 0  # lines of its stderr shown on the terminal
     _log_lock: threading.Lock = field(default_factory=threading.Lock)
     _errors_read: threading.Event = field(default_factory=threading.Event)
+    output_done: threading.Event = field(default_factory=threading.Event)  # both streams read, the log closed
 
     def _write_log(self, line: str) -> None:
         with self._log_lock:
@@ -105,6 +106,7 @@ class Child:
         self._errors_read.wait()
         self.log.close()
         self.ready.set()  # exited: wake whoever waits for it
+        self.output_done.set()
 
     def pump_errors(self) -> None:
         """Logs the child's stderr and shows its warnings and errors."""
@@ -116,18 +118,26 @@ class Child:
                 print(f"[{self.name}] {line}", end="", file=sys.stderr, flush=True)
         self._errors_read.set()
 
-    def wait_ready(self, timeout_s: float) -> str:
-        if not self.ready.wait(timeout_s):
-            raise ClusterError(f"{self.name} did not become ready within {timeout_s:g}s")
+    def wait_ready(self, timeout_s: float, stopping: threading.Event) -> str:
+        """Its address once its ready line came; `Stopping` as soon as the cluster stops (a Ctrl-C reaches `up`
+        alone, and must not wait for a service still loading)."""
+        deadline = time.monotonic() + timeout_s
+        while not self.ready.wait(0.1):
+            if stopping.is_set():
+                raise Stopping
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{self.name} did not become ready within {timeout_s:g}s")
         if self.address is None:
             raise self.exited_early()
         return self.address
 
-    def wait_redis(self, url: str, tls: Tls, timeout_s: float) -> str:
+    def wait_redis(self, url: str, tls: Tls, timeout_s: float, stopping: threading.Event) -> str:
         """Ready once it answers PING, which it does only after replaying its AOF."""
         deadline = time.monotonic() + timeout_s
         with tls.redis(url, socket_timeout=1) as client:
             while time.monotonic() < deadline:
+                if stopping.is_set():
+                    raise Stopping
                 if self.proc.poll() is not None:
                     raise self.exited_early()
                 try:
@@ -141,6 +151,7 @@ class Child:
     def exited_early(self) -> ClusterError:
         code = self.proc.wait()
         log = Path(self.log.name)
+        self._errors_read.wait(1.0)  # every error line it printed has been shown (or not) by now
         if self.shown_errors:  # its errors are on the terminal already
             return ClusterError(f"{self.name} exited with code {code} before it was ready (its log: {log})")
         self.ready.wait(1.0)  # its last lines are in the log once its stdout is read to the end
@@ -235,10 +246,14 @@ class Cluster:
             log = open(self.log_dir / f"{service.name}.log", "a")  # noqa: SIM115 - open as long as the child
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(service.argv)}\n")
             log.flush()
-            proc = subprocess.Popen(
-                service.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
-                bufsize=1, env=env, preexec_fn=_die_with_parent, process_group=0,
-            )  # fmt: skip
+            try:
+                proc = subprocess.Popen(
+                    service.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                    text=True, bufsize=1, env=env, preexec_fn=_die_with_parent, process_group=0,
+                )  # fmt: skip
+            except OSError:
+                log.close()
+                raise
             child = self._children[service.name] = Child(service.name, proc, log)
             if service.redis_url:
                 self._stores.add(service.name)
@@ -249,11 +264,11 @@ class Cluster:
     def wait_ready(self, service: Service, child: Child, timeout_s: float = START_TIMEOUT_S) -> None:
         try:
             if service.redis_url:
-                child.wait_redis(service.redis_url, self.tls, timeout_s)
+                child.wait_redis(service.redis_url, self.tls, timeout_s, self.stopping)
             else:
-                child.wait_ready(timeout_s)
+                child.wait_ready(timeout_s, self.stopping)
         except ClusterError:
-            if self.stopping.is_set():  # Ctrl-C reaches the children too: their exit is no failure
+            if self.stopping.is_set():  # stopping: a child that exits now is no failure
                 raise Stopping from None
             raise
         print(f"[{service.name}] ready on {child.address}", flush=True)
@@ -310,6 +325,8 @@ class Cluster:
                 except subprocess.TimeoutExpired:
                     child.proc.kill()
                     child.proc.wait()
+        for child in children:  # their last lines logged and shown
+            child.output_done.wait(2.0)
 
 
 @dataclass(frozen=True)

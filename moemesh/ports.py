@@ -21,15 +21,15 @@ def ensure_free(what: str, host: str, port: int) -> None:
         infos = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise ConfigError(f"{what}: cannot resolve host {host!r} ({exc.strerror})") from None
-    family, kind, proto, _, address = infos[0]
-    with socket.socket(family, kind, proto) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind(address)
-        except OSError as exc:
-            if exc.errno == errno.EADDRINUSE:
-                raise ConfigError(
-                    f"{what}: port {port} on {host} is already in use (another moemesh up?); "
-                    "choose another port, or 0 for a free one"
-                ) from None
-            raise ConfigError(f"{what}: cannot listen on {host}:{port} ({exc.strerror})") from None
+    for family, kind, proto, _, address in dict.fromkeys(infos):  # every address the name has (localhost: two)
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"{what}: port {port} on {host} is already in use (another moemesh up?); "
+                        "choose another port, or 0 for a free one"
+                    ) from None
+                # Any other error (an address family the host lacks) is left to the server's own bind.

@@ -30,6 +30,8 @@ from moemesh.errors import CheckpointError
 Shape = tuple[int, ...]
 AWQ_REVERSE_ORDER = [0, 4, 1, 5, 2, 6, 3, 7]  # AWQ packs the 8 columns of a word as [0, 2, 4, 6, 1, 3, 5, 7]
 FLOAT8 = "F8_E4M3"
+Headers = dict[str, tuple[str, Shape]]  # stored tensor name -> (safetensors dtype, shape)
+Getter = Callable[[str], torch.Tensor]  # a stored tensor by name (KeyError where absent)
 
 
 @dataclass
@@ -52,8 +54,9 @@ class IntWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The float weight [out, in], input columns in their natural order."""
-        g = self.group_size
-        w = (self.codes.float() - self.zeros.repeat_interleave(g, 1)) * self.scales.repeat_interleave(g, 1)
+        g, inp = self.group_size, self.codes.shape[1]
+        zeros, scales = (t.repeat_interleave(g, 1)[:, :inp] for t in (self.zeros, self.scales))  # last group: shorter
+        w = (self.codes.float() - zeros) * scales
         if self.order is not None:
             w = torch.empty_like(w).index_copy_(1, self.order, w)
         return w.to(dtype)
@@ -117,27 +120,42 @@ def unpack_int32(words: torch.Tensor, bits: int, dim: int, count: int) -> torch.
 class QuantFormat:
     """How one quantization method stores a linear `<prefix>.weight` of shape [out, in]."""
 
-    method: str
-
     def describe(self) -> str:
         """The format in a few words, for the line a service prints at start: `gptq 4-bit, groups of 128`."""
         raise NotImplementedError
 
-    def stores(self, prefix: str, headers: dict[str, tuple[str, Shape]]) -> bool:
+    def stores(self, prefix: str, headers: Headers) -> bool:
         """Whether the checkpoint stores this linear quantized."""
         raise NotImplementedError
 
-    def tensors(self, prefix: str, out: int, inp: int, headers: dict[str, tuple[str, Shape]]) -> dict[str, Shape]:
+    def tensors(self, prefix: str, out: int, inp: int, headers: Headers) -> dict[str, Shape]:
         """The stored tensors of a quantized linear and their shapes (checked against the checkpoint's)."""
         raise NotImplementedError
 
-    def decode(self, get: Callable[[str], torch.Tensor], prefix: str, out: int, inp: int) -> QuantizedWeight:
+    def decode(self, get: Getter, prefix: str, out: int, inp: int) -> QuantizedWeight:
         """The weight, from `get(name)` of its stored tensors (KeyError for an optional one that is absent)."""
         raise NotImplementedError
 
 
 def _groups(inp: int, group_size: int) -> int:
     return 1 if group_size in (-1, 0) else -(-inp // group_size)
+
+
+def _group_size(prefix: str, inp: int, groups: int, configured: int) -> int:
+    """The columns of each group of a linear whose scales have `groups` columns: the configured size where it
+    gives that many groups (the last one may be shorter), else the one size that splits the input evenly."""
+    if configured > 0 and _groups(inp, configured) == groups:
+        return configured
+    if inp % groups == 0:
+        return inp // groups
+    raise CheckpointError(f"{prefix}: {groups} groups of scales do not split its {inp} input columns")
+
+
+def _optional(get: Callable[[str], torch.Tensor], name: str) -> torch.Tensor | None:
+    try:
+        return get(name)
+    except KeyError:
+        return None
 
 
 def _check_bits(field: str, bits: Any, allowed: tuple[int, ...]) -> int:
@@ -161,8 +179,6 @@ class GPTQ(QuantFormat):
     """`qweight` int32 [in * bits / 32, out] (codes packed along the input), `qzeros` int32 [groups, out * bits /
     32], `scales` [groups, out], `g_idx` int32 [in]; `gptq` checkpoints store each zero minus one."""
 
-    method = "gptq"
-
     def __init__(self, config: dict[str, Any]):
         self.bits = _check_bits("bits", config.get("bits", 4), (4, 8))
         self.group_size = int(config.get("group_size", 128))
@@ -173,11 +189,11 @@ class GPTQ(QuantFormat):
             raise CheckpointError(f"quantization_config.pack_dtype: {config['pack_dtype']!r} is not supported (int32)")
         self.zero_offset = 1 if fmt == "gptq" else 0
 
-    def describe(self):
+    def describe(self) -> str:
         groups = "per row" if self.group_size <= 0 else f"groups of {self.group_size}"
         return f"gptq {self.bits}-bit, {groups}"
 
-    def stores(self, prefix, headers):
+    def stores(self, prefix: str, headers: Headers) -> bool:
         return f"{prefix}.qweight" in headers
 
     def _bits(self, prefix: str, inp: int, headers) -> int:
@@ -185,7 +201,7 @@ class GPTQ(QuantFormat):
         rows = headers[f"{prefix}.qweight"][1][0]
         return _check_bits("bits", rows * 32 // inp, (4, 8)) if rows * 32 % inp == 0 else self.bits
 
-    def tensors(self, prefix, out, inp, headers):
+    def tensors(self, prefix: str, out: int, inp: int, headers: Headers) -> dict[str, Shape]:
         bits = self._bits(prefix, inp, headers)
         groups = headers.get(f"{prefix}.scales", ("", (0, 0)))[1][0] or _groups(inp, self.group_size)
         shapes = {
@@ -197,20 +213,15 @@ class GPTQ(QuantFormat):
             shapes[f"{prefix}.g_idx"] = (inp,)
         return shapes
 
-    def decode(self, get, prefix, out, inp):
+    def decode(self, get: Getter, prefix: str, out: int, inp: int) -> QuantizedWeight:
         qweight, qzeros, scales = get(f"{prefix}.qweight"), get(f"{prefix}.qzeros"), get(f"{prefix}.scales").float()
         bits = 32 * qweight.shape[0] // inp
         groups = scales.shape[0]
-        group_size = -(-inp // groups)
+        group_size = _group_size(prefix, inp, groups, self.group_size)
         codes = unpack_int32(qweight, bits, 0, inp)  # [in, out]
         zeros = unpack_int32(qzeros, bits, 1, out) + self.zero_offset  # [groups, out]
-        order = None
-        try:
-            g_idx = get(f"{prefix}.g_idx")
-        except KeyError:
-            g_idx = None
-        if g_idx is not None:
-            order = _order(g_idx, group_size, groups)
+        g_idx = _optional(get, f"{prefix}.g_idx")
+        order = None if g_idx is None else _order(g_idx, group_size, groups)
         codes = codes.T
         if order is not None:
             codes = codes[:, order]
@@ -222,10 +233,8 @@ class AWQ(QuantFormat):
     """GEMM packing: `qweight` int32 [in, out / 8] and `qzeros` int32 [groups, out / 8], the 8 codes of a word
     interleaved; `scales` [groups, out]."""
 
-    method = "awq"
-
     def __init__(self, config: dict[str, Any]):
-        self.bits = _check_bits("bits", config.get("bits", config.get("w_bit", 4)), (4,))
+        _check_bits("bits", config.get("bits", config.get("w_bit", 4)), (4,))
         self.group_size = int(config.get("group_size", config.get("q_group_size", 128)))
         version = str(config.get("version", "gemm")).lower()
         if version != "gemm":
@@ -233,33 +242,31 @@ class AWQ(QuantFormat):
         if not config.get("zero_point", True):
             raise CheckpointError("quantization_config.zero_point: false is not supported (true)")
 
-    def describe(self):
+    def describe(self) -> str:
         return f"awq 4-bit, groups of {self.group_size}"
 
-    def stores(self, prefix, headers):
+    def stores(self, prefix: str, headers: Headers) -> bool:
         return f"{prefix}.qweight" in headers
 
-    def tensors(self, prefix, out, inp, headers):
+    def tensors(self, prefix: str, out: int, inp: int, headers: Headers) -> dict[str, Shape]:
         groups = _groups(inp, self.group_size)
         return {f"{prefix}.qweight": (inp, out // 8), f"{prefix}.qzeros": (groups, out // 8),
                 f"{prefix}.scales": (groups, out)}  # fmt: skip
 
-    def decode(self, get, prefix, out, inp):
+    def decode(self, get: Getter, prefix: str, out: int, inp: int) -> QuantizedWeight:
         def columns(words: torch.Tensor) -> torch.Tensor:
             codes = unpack_int32(words, 4, 1, out)
             return codes.view(codes.shape[0], -1, 8)[..., AWQ_REVERSE_ORDER].reshape(codes.shape)
 
         scales = get(f"{prefix}.scales").float()
         codes, zeros = columns(get(f"{prefix}.qweight")), columns(get(f"{prefix}.qzeros"))
-        group_size = -(-inp // scales.shape[0])
+        group_size = _group_size(prefix, inp, scales.shape[0], self.group_size)
         return IntWeight(codes.T.to(torch.uint8).contiguous(), scales.T.contiguous(), zeros.T.float().contiguous(),
                          4, group_size)  # fmt: skip
 
 
 class Fp8Block(QuantFormat):
     """`weight` float8_e4m3fn [out, in] and `weight_scale_inv` float32 per block of `weight_block_size`."""
-
-    method = "fp8"
 
     def __init__(self, config: dict[str, Any]):
         fmt = config.get("fmt", "e4m3")
@@ -273,17 +280,17 @@ class Fp8Block(QuantFormat):
             raise CheckpointError(f"quantization_config.weight_block_size: {block!r} is not supported ([rows, cols])")
         self.block = (int(block[0]), int(block[1]))
 
-    def describe(self):
+    def describe(self) -> str:
         return f"fp8 e4m3, blocks of {self.block[0]}x{self.block[1]}"
 
-    def stores(self, prefix, headers):
+    def stores(self, prefix: str, headers: Headers) -> bool:
         return headers.get(f"{prefix}.weight", ("",))[0] == FLOAT8
 
-    def tensors(self, prefix, out, inp, headers):
+    def tensors(self, prefix: str, out: int, inp: int, headers: Headers) -> dict[str, Shape]:
         rows, cols = self.block
         return {f"{prefix}.weight": (out, inp), f"{prefix}.weight_scale_inv": (-(-out // rows), -(-inp // cols))}
 
-    def decode(self, get, prefix, out, inp):
+    def decode(self, get: Getter, prefix: str, out: int, inp: int) -> QuantizedWeight:
         return Float8Weight(get(f"{prefix}.weight"), get(f"{prefix}.weight_scale_inv").float(), self.block)
 
 
@@ -293,7 +300,6 @@ class CompressedTensors(QuantFormat):
     int8), `float-quantized` (`weight` float8_e4m3fn); `weight_scale` per group, channel, block or tensor;
     `weight_g_idx` with act-order."""
 
-    method = "compressed-tensors"
     FORMATS = ("pack-quantized", "int-quantized", "float-quantized")
 
     def __init__(self, config: dict[str, Any]):
@@ -315,7 +321,14 @@ class CompressedTensors(QuantFormat):
         if self.strategy not in allowed:
             raise CheckpointError(f"{where}.strategy: {self.strategy!r} is not supported {allowed}")
         self.group_size = int(weights.get("group_size") or 0)
-        self.block = tuple(weights.get("block_structure") or (0, 0))
+        if self.strategy == "group" and self.group_size <= 0:
+            raise CheckpointError(f"{where}.group_size: {weights.get('group_size')!r} is not a group size")
+        block = weights.get("block_structure")
+        if self.strategy == "block" and not (isinstance(block, list) and len(block) == 2 and min(block) > 0):
+            raise CheckpointError(f"{where}.block_structure: {block!r} is not supported ([rows, cols])")
+        self.block = (int(block[0]), int(block[1])) if self.strategy == "block" else (0, 0)
+        if kind == "float" and not weights.get("symmetric", True):
+            raise CheckpointError(f"{where}.symmetric: false is not supported for float weights")
         if weights.get("dynamic"):
             raise CheckpointError(f"{where}.dynamic: true is not supported (weights are stored quantized)")
         for field in ("input_activations", "output_activations"):
@@ -325,11 +338,11 @@ class CompressedTensors(QuantFormat):
                     f"quantization_config.config_groups.{name}.{field}: static scales are not supported (dynamic)"
                 )
 
-    def describe(self):
+    def describe(self) -> str:
         kind = "fp8 e4m3" if self.format == "float-quantized" else f"{self.bits}-bit"
         return f"compressed-tensors {self.format} {kind}, by {self.strategy}"
 
-    def stores(self, prefix, headers):
+    def stores(self, prefix: str, headers: Headers) -> bool:
         if self.format == "pack-quantized":
             return f"{prefix}.weight_packed" in headers
         dtype = headers.get(f"{prefix}.weight", ("",))[0]
@@ -344,7 +357,7 @@ class CompressedTensors(QuantFormat):
             return (-(-out // self.block[0]), -(-inp // self.block[1]))
         return (1,)
 
-    def tensors(self, prefix, out, inp, headers):
+    def tensors(self, prefix: str, out: int, inp: int, headers: Headers) -> dict[str, Shape]:
         shapes = {f"{prefix}.weight_scale": self._scale_shape(out, inp)}
         if self.strategy == "tensor" and headers.get(f"{prefix}.weight_scale", ("", ()))[1] == ():
             shapes[f"{prefix}.weight_scale"] = ()
@@ -360,33 +373,29 @@ class CompressedTensors(QuantFormat):
             shapes[f"{prefix}.weight_g_idx"] = (inp,)
         return shapes
 
-    def decode(self, get, prefix, out, inp):
+    def decode(self, get: Getter, prefix: str, out: int, inp: int) -> QuantizedWeight:
         scale = get(f"{prefix}.weight_scale").float()
         if self.format == "float-quantized":
             weight = get(f"{prefix}.weight")
             if self.strategy == "tensor":
                 return Float8Weight(weight, scale.reshape(1, 1), (out, inp))
-            block = (1, inp) if self.strategy == "channel" else (out, -(-inp // scale.shape[1]))
-            return Float8Weight(weight, scale, self.block if self.strategy == "block" else block)
+            if self.strategy == "block":
+                return Float8Weight(weight, scale, self.block)
+            groups = scale.shape[1]  # channel: one group a row
+            return Float8Weight(weight, scale, (1, _group_size(prefix, inp, groups, self.group_size)))
         offset = 1 << (self.bits - 1)
         if self.format == "pack-quantized":
             codes = unpack_int32(get(f"{prefix}.weight_packed"), self.bits, 1, inp)  # offset already
         else:
             codes = get(f"{prefix}.weight").to(torch.int32) + offset
         zeros = torch.full_like(scale, float(offset))
-        try:
-            zero_point = get(f"{prefix}.weight_zero_point")
-        except KeyError:
-            zero_point = None
+        zero_point = _optional(get, f"{prefix}.weight_zero_point")
         if zero_point is not None:
             if self.format == "pack-quantized":
                 zero_point = unpack_int32(zero_point, self.bits, 0, out) - offset
             zeros = zero_point.float() + offset
-        group_size = -(-inp // scale.shape[1])
-        try:
-            g_idx = get(f"{prefix}.weight_g_idx")
-        except KeyError:
-            g_idx = None
+        group_size = _group_size(prefix, inp, scale.shape[1], self.group_size)
+        g_idx = _optional(get, f"{prefix}.weight_g_idx")
         order = None if g_idx is None else _order(g_idx, group_size, scale.shape[1])
         if order is not None:
             codes = codes[:, order]

@@ -122,7 +122,8 @@ class IntLinear(nn.Module):
             return
         self.kernel = "dequantize"
         codes = weight.codes
-        if self.bits == 4:  # two codes to a byte: the low nibble first
+        self.nibbles = self.bits == 4 and self.in_features % 2 == 0  # two codes to a byte, the low nibble first
+        if self.nibbles:
             codes = codes.view(self.out_features, -1, 2)
             codes = codes[..., 0] | (codes[..., 1] << 4)
         self.register_buffer("codes", codes.contiguous(), persistent=False)
@@ -144,7 +145,7 @@ class IntLinear(nn.Module):
         """The weight [out, in] in `dtype`, columns in the codes' order (`order`); one pass of in-place ops."""
         out, inp, g = self.out_features, self.in_features, self.group_size
         codes = self.codes
-        if self.bits == 4:
+        if self.nibbles:
             unpacked = torch.empty(out, inp // 2, 2, dtype=torch.uint8, device=codes.device)
             torch.bitwise_and(codes, 0xF, out=unpacked[..., 0])
             torch.bitwise_right_shift(codes, 4, out=unpacked[..., 1])
@@ -192,7 +193,6 @@ class Float8Linear(nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.block = weight.block
-        self.kernel = "dequantize"
         self.bias = bias
         self.register_buffer("weight", weight.weight, persistent=False)
         self.register_buffer("scales", weight.scales, persistent=False)

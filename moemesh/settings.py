@@ -109,7 +109,9 @@ class ServiceSettings(BaseSettings):
     def compute_dtype(self, checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
         return dtype_choice(self.dtype, checkpoint_dtype, device)[0]
 
-    def compute_report(self, role: str, checkpoint_dtype: torch.dtype, weights: str, kernels: dict[str, str]):
+    def compute_report(
+        self, role: str, checkpoint_dtype: torch.dtype, weights: str, kernels: dict[str, str]
+    ) -> ComputeReport:
         """What this service computes with and why (`moemesh.compute_report`), for `weights` held in memory."""
         device = self.torch_device()
         dtype, dtype_reason = dtype_choice(self.dtype, checkpoint_dtype, device)

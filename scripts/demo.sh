@@ -25,7 +25,7 @@ stop() {
 trap stop EXIT
 trap 'exit 0' INT TERM  # Ctrl-C is one way the demo ends: the EXIT trap stops the cluster
 
-until ADDRESS=$(grep -m1 -oP '^gateway listening on \K\S+' "$OUT"); do
+until ADDRESS=$(sed -n 's/^gateway listening on //p' "$OUT") && [ -n "$ADDRESS" ]; do
   if ! kill -0 "$UP" 2>/dev/null; then
     wait "$TAIL" 2>/dev/null
     echo "make demo: moemesh up failed to start (its output is above)" >&2

@@ -170,7 +170,7 @@ def _ct_int(name: str, w: torch.Tensor, fmt: Format, out: dict) -> torch.Tensor:
     return (q.float() - zp) * out[f"{prefix}.weight_scale"].float().repeat_interleave(group, 1)
 
 
-def _fp8(name: str, w: torch.Tensor, fmt: Format, out: dict) -> None:
+def _fp8(name: str, w: torch.Tensor, fmt: Format, out: dict) -> torch.Tensor:
     prefix, (rows, inp) = name.removesuffix(".weight"), w.shape
     if fmt.method == "ct-fp8-channel":
         scale = w.abs().amax(1, keepdim=True) / 448
@@ -210,7 +210,7 @@ def _config(fmt: Format) -> dict:
     strategy = {"ct-fp8-channel": "channel", "ct-fp8-block": "block"}.get(
         fmt.method, "group" if fmt.group_size > 0 else "channel"
     )
-    weights = {"num_bits": 8 if kind == "float" else fmt.bits, "type": kind, "symmetric": fmt.sym,
+    weights = {"num_bits": 8 if kind == "float" else fmt.bits, "type": kind, "symmetric": fmt.sym or kind == "float",
                "strategy": strategy, "dynamic": False, "observer": "minmax"}  # fmt: skip
     if strategy == "group":
         weights["group_size"] = fmt.group_size
@@ -223,12 +223,17 @@ def _config(fmt: Format) -> dict:
             "config_groups": {"group_0": group}, "ignore": ["lm_head", "re:.*block_sparse_moe.gate$"]}  # fmt: skip
 
 
-def quantize_checkpoint(src: Path, dst: Path, fmt: Format) -> Path:
-    """`dst` (and `dst/reference`, the float model of the dequantized weights) from the float checkpoint `src`."""
+def _copy_side_files(src: Path, dst: Path) -> None:
+    """Config, tokenizer and the like: every file but the weights."""
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
             shutil.copy(f, dst / f.name)
+
+
+def quantize_checkpoint(src: Path, dst: Path, fmt: Format) -> Path:
+    """`dst` (and `dst/reference`, the float model of the dequantized weights) from the float checkpoint `src`."""
+    _copy_side_files(src, dst)
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(src.glob("*.safetensors")):
         tensors |= load_file(f)
@@ -250,9 +255,6 @@ def quantize_checkpoint(src: Path, dst: Path, fmt: Format) -> Path:
     config = json.loads((src / "config.json").read_text())
     (dst / "config.json").write_text(json.dumps(config | {"quantization_config": _config(fmt)}, indent=2))
     ref = dst / "reference"
-    ref.mkdir(exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and not f.name.endswith(".safetensors") and f.name != "model.safetensors.index.json":
-            shutil.copy(f, ref / f.name)
+    _copy_side_files(src, ref)
     save_file({k: v.float().contiguous() for k, v in reference.items()}, ref / "model.safetensors")
     return dst

@@ -49,6 +49,22 @@ def test_shutdown_leaves_no_child(mixtral_window_dir, sig):
     assert not up.session_alive(), "a child of moemesh up outlived it"
 
 
+@pytest.mark.timeout(120)
+def test_a_signal_while_a_service_loads_stops_up_at_once(mixtral_window_dir):
+    """A Ctrl-C reaches `up` alone (its children lead process groups of their own): `up` must not wait for a
+    service that is still loading (here an expert told to wait 300 s before loading) before it stops them all."""
+    up = UpProcess(mixtral_window_dir, "--experts", "1", env=os.environ | {"MOEMESH_FAULT_LOAD_DELAY_S": "300"})
+    try:
+        up.wait_for(r"^\[expert-0\.0\] expert metrics on ", 60)
+        began = time.monotonic()
+        up.proc.send_signal(signal.SIGINT)
+        assert up.proc.wait(60) == 0
+        assert time.monotonic() - began < 20
+    finally:
+        up.stop()
+    assert not up.session_alive()
+
+
 @pytest.mark.timeout(60)
 def test_up_refuses_a_gateway_port_in_use_before_starting_anything(mixtral_window_dir, tmp_path):
     with socket.socket() as held:

@@ -177,3 +177,53 @@ def test_an_int4pack_layer_reads_its_weight_back_and_switches_to_a_gemm_for_many
     from moemesh.quant_linear import NEVER, PROBE_ROWS
 
     assert IntLinear(weight, torch.float32).gemm_rows in (*PROBE_ROWS, NEVER)
+
+
+def test_a_last_shorter_group_decodes_with_the_configured_group_size():
+    from tests.quantized_checkpoints import _gptq
+
+    w = torch.randn(16, 80)  # 80 input columns in groups of 32: 32, 32 and 16
+    stored: dict[str, torch.Tensor] = {}
+    reference = _gptq("layer.weight", w, Format("gptq", 4, 32), stored)
+    decoded = quant_format({"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 32}}).decode(
+        stored.__getitem__, "layer", 16, 80
+    )
+    assert decoded.group_size == 32 and decoded.scales.shape == (16, 3)
+    assert torch.equal(decoded.dequantize(), reference)
+
+
+def test_compressed_tensors_fp8_by_group_scales_each_row_by_its_own_groups():
+    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "float-quantized",
+              "config_groups": {"g": {"weights": {"num_bits": 8, "type": "float", "strategy": "group",
+                                                  "group_size": 32}}}}}  # fmt: skip
+    fmt = quant_format(config)
+    weight = torch.randn(16, 64).to(torch.float8_e4m3fn)
+    scale = torch.rand(16, 2) + 0.5
+    stored = {"layer.weight": weight, "layer.weight_scale": scale}
+    assert fmt.tensors("layer", 16, 64, {"layer.weight": ("F8_E4M3", (16, 64))})["layer.weight_scale"] == (16, 2)
+    expected = weight.float() * scale.repeat_interleave(32, 1)
+    assert torch.equal(fmt.decode(stored.__getitem__, "layer", 16, 64).dequantize(), expected)
+
+
+@pytest.mark.parametrize(
+    ("weights", "message"),
+    [
+        ({"num_bits": 8, "type": "float", "strategy": "block"}, "block_structure: None is not supported"),
+        ({"num_bits": 4, "type": "int", "strategy": "group"}, "group_size: None is not a group size"),
+        ({"num_bits": 8, "type": "float", "strategy": "channel", "symmetric": False}, "symmetric: false"),
+    ],
+)
+def test_compressed_tensors_options_that_cannot_decode_are_refused(weights, message):
+    config = {"quantization_config": {"quant_method": "compressed-tensors", "format": "pack-quantized",
+              "config_groups": {"g": {"weights": weights}}}}  # fmt: skip
+    if weights["type"] == "float":
+        config["quantization_config"]["format"] = "float-quantized"
+    with pytest.raises(CheckpointError, match=message):
+        quant_format(config)
+
+
+def test_an_odd_input_width_keeps_one_code_a_byte():
+    weight = random_int_weight(8, 33, 4, 33)
+    layer = IntLinear(weight, torch.float32)
+    x = torch.randn(3, 33)
+    torch.testing.assert_close(layer(x), x @ weight.dequantize().T, rtol=1e-5, atol=1e-5)
