@@ -184,7 +184,8 @@ def default_log_dir() -> Path:
     return state / "moemesh" / "logs" / f"up-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """In a child before exec: SIGTERM when the thread that forked it ends (PR_SET_PDEATHSIG)."""
     _prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
@@ -249,7 +250,7 @@ class Cluster:
             try:
                 proc = subprocess.Popen(
                     service.argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                    text=True, bufsize=1, env=env, preexec_fn=_die_with_parent, process_group=0,
+                    text=True, bufsize=1, env=env, preexec_fn=die_with_parent, process_group=0,
                 )  # fmt: skip
             except OSError:
                 log.close()

@@ -76,6 +76,7 @@ class OutputProcess:
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             text=True, bufsize=1, start_new_session=new_session, env=env,
+            preexec_fn=launcher.die_with_parent,  # a killed test run leaves no `moemesh up` behind
         )  # fmt: skip
         self.lines: list[str] = []
         self._changed = threading.Condition()
