@@ -212,7 +212,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--routers", type=int, default=1, help="routers of `moemesh up` (default 1; 0: the gateway routes itself)"
     )
     parser.add_argument(
-        "--quantize", default="none", choices=["none", "int8", "int4"],
+        "--quantize", default="none", choices=["none", "int8", "int4", "w8a8"],
         help="moemesh's weights made smaller at load; llama.cpp runs the same bits (Q8_0, Q4_0) unless --gguf-type",
     )  # fmt: skip
     parser.add_argument(

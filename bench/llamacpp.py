@@ -48,7 +48,12 @@ GGUF_CACHE = Path.home() / ".cache" / "moemesh" / "gguf"
 SERVER = "llama-server"
 QUANTIZE = "llama-quantize"  # writes Q4_0, Q4_K_M, Q8_0 GGUFs from the converted 16-bit one
 QUANT_TYPES = ("native", "Q8_0", "Q4_0", "Q4_K_M")  # native: the converter's 16-bit (or fp32) GGUF
-SAME_BITS = {"none": "native", "int8": "Q8_0", "int4": "Q4_0"}  # llama.cpp's type at moemesh's --quantize bits
+SAME_BITS = {
+    "none": "native",
+    "int8": "Q8_0",
+    "int4": "Q4_0",
+    "w8a8": "Q8_0",
+}  # llama.cpp's type at moemesh's --quantize bits
 SIDE = "llama.cpp"
 HELD_BACK = -1  # id of a token llama-server generated but did not stream (see stream_token_ids)
 REPO = Path(__file__).resolve().parents[1]

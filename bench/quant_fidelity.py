@@ -85,7 +85,7 @@ def main() -> None:
     forced = [tokens for tokens, _ in reference]
     bf16 = ExpertShard.load(ckpt, "0/2", torch.bfloat16, CPU).parameter_bytes
     rows = []
-    for quantize in ("none", "int8", "int4"):
+    for quantize in ("none", "int8", "int4", "w8a8"):
         shard = ExpertShard.load(ckpt, "0/2", torch.float32, CPU, quantize).parameter_bytes
         results = reference if quantize == "none" else run(ckpt, quantize, prompts, forced, args.steps)
         agree, drift = [], []

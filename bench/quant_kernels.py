@@ -5,7 +5,8 @@ ms per call with the weights read from memory (enough copies to fill ~400 MB, cy
 
 - fp32: `F.linear` on fp32 weights (a bf16 checkpoint on a CPU without native bf16, `--dtype auto`);
 - bf16: `F.linear` on bf16 weights in bf16, and prepacked for oneDNN where the CPU has native bf16;
-- int8: `Int8Linear` (per output channel; `_weight_int8pack_mm` for bf16 up to 12 rows);
+- int8: `Int8Linear` (per output channel; `_weight_int8pack_mm` for bf16 up to 12 rows), and `W8A8Linear` (int8
+  activations quantized per call, `torch.ao`'s dynamic linear on the engine `w8a8_engine()` picks);
 - int4: `IntLinear` as it loads (`int4pack`, `_weight_int4pack_mm_for_cpu`, on bf16 inputs, or on fp32 inputs
   rounded to bf16; from the row count measured at load, `gemm_rows`, the weight read back for a dense GEMM),
   the int4pack kernel alone, and the exact path (`--quantized-kernels exact`: dequantized to fp32 per call);
@@ -26,7 +27,7 @@ from bench.micro import _median_us
 from moemesh.packed import PackedLinear, packing_supported
 from moemesh.quant import Int8Linear
 from moemesh.quant_formats import Float8Weight
-from moemesh.quant_linear import NEVER, Float8Linear, IntLinear, exact_kernels, rtn_int4
+from moemesh.quant_linear import NEVER, Float8Linear, IntLinear, W8A8Linear, exact_kernels, rtn_int4, w8a8_engine
 
 SHAPES = [("expert gate/up", 1024, 2816), ("expert down", 2816, 1024), ("LM head", 1024, 32000)]
 BUDGET_BYTES = 400_000_000
@@ -64,6 +65,7 @@ def kernels(inputs: int, outputs: int) -> dict[str, tuple[list[Callable], torch.
     int8 = [Int8Linear.from_linear(linear) for _ in range(n)]
     out["int8 fp32"] = (int8, torch.float32)
     out["int8 bf16"] = (int8, torch.bfloat16)
+    out[f"w8a8 fp32 ({w8a8_engine()})"] = ([W8A8Linear(linear) for _ in range(n)], torch.float32)
     n = _copies(inputs, outputs, 0.5)
     codes = rtn_int4(w)
     packed = [IntLinear(codes, torch.bfloat16) for _ in range(n)]

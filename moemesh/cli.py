@@ -79,7 +79,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     up.add_argument(
         "--quantize",
         default="none",
-        choices=["none", "int8", "int4"],
+        choices=["none", "int8", "int4", "w8a8"],
         help="float weights made smaller at load: the experts', and the gateway's attention, MLPs and LM head",
     )
     up.add_argument(

@@ -17,7 +17,7 @@ from moemesh import hardware
 from moemesh.codec import parse_dtype
 from moemesh.packed import PackedLinear, packing_supported
 from moemesh.quant import INT8PACK_MAX_ROWS, Int8Linear
-from moemesh.quant_linear import Float8Linear, IntLinear
+from moemesh.quant_linear import Float8Linear, IntLinear, W8A8Linear
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -111,6 +111,8 @@ def module_kernels(modules: Iterable[nn.Module], dtype: torch.dtype, device: tor
                 if module.kernel == "int4pack":
                     how = "int4pack" + ("" if module.kernel_dtype == dtype else " on bf16-rounded inputs")
                 seen[f"int{module.bits} by groups of {module.group_size}, {how}"] = None
+            elif isinstance(module, W8A8Linear):
+                seen[f"w8a8 dynamic ({torch.backends.quantized.engine}), int8 inputs per tensor"] = None
             elif isinstance(module, Float8Linear):
                 seen[f"fp8 e4m3 blocks {module.block[0]}x{module.block[1]}, dequantized to {dtype_name(dtype)}"] = None
     return ", ".join(seen) or "none"
@@ -122,7 +124,7 @@ def attention_kernel(dtype: torch.dtype, device: torch.device) -> str:
     return f"scaled_dot_product_attention {dtype_name(dtype)}"
 
 
-QUANTIZED_AT_LOAD = {"int8": "int8 per output channel", "int4": "int4 by groups"}
+QUANTIZED_AT_LOAD = {"int8": "int8 per output channel", "int4": "int4 by groups", "w8a8": "int8 per channel, W8A8"}
 
 
 def weights_format(

@@ -133,6 +133,8 @@ def replace_linears(module: nn.Module, convert: Callable[[nn.Linear], nn.Module]
 
 
 def parameter_bytes(module: nn.Module) -> int:
-    """Bytes of every distinct parameter and buffer of `module` (numel x element size)."""
+    """Bytes of every distinct parameter and buffer of `module` (numel x element size), and of the weights that
+    modules hold packed outside them (`packed_bytes`: `moemesh.quant_linear.W8A8Linear`)."""
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
-    return sum(t.numel() * t.element_size() for t in tensors.values())
+    packed = sum(getattr(m, "packed_bytes", 0) for m in module.modules())
+    return sum(t.numel() * t.element_size() for t in tensors.values()) + packed

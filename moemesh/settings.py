@@ -20,7 +20,7 @@ from moemesh.tls import Tls
 
 ComputeDType = Literal["auto", "float32", "bfloat16"]
 WireDType = Literal["auto", "float32", "bfloat16", "float16"]
-Quantize = Literal["none", "int8", "int4"]
+Quantize = Literal["none", "int8", "int4", "w8a8"]
 
 
 # The expert services' and the gateway's `--quantize`.
@@ -28,8 +28,8 @@ QUANTIZE_FIELD = Field(
     "none",
     description="make the checkpoint's float weights smaller at load (an expert service: its experts; a gateway: "
     "attention, dense and shared MLPs, LM head, and experts it holds): int8 weight-only per output channel, int4 "
-    "weight-only round-to-nearest by groups of 128; weights a quantized checkpoint stores quantized are served "
-    "as stored",
+    "weight-only round-to-nearest by groups of 128, w8a8 int8 weights per channel with int8 activations "
+    "quantized at each call (CPU only); weights a quantized checkpoint stores quantized are served as stored",
 )
 
 

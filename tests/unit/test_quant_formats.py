@@ -227,3 +227,18 @@ def test_an_odd_input_width_keeps_one_code_a_byte():
     layer = IntLinear(weight, torch.float32)
     x = torch.randn(3, 33)
     torch.testing.assert_close(layer(x), x @ weight.dequantize().T, rtol=1e-5, atol=1e-5)
+
+
+def test_w8a8_quantizes_weights_and_activations_to_int8():
+    from moemesh.model import MLP
+    from moemesh.quant_linear import W8A8Linear, quantize_linears
+
+    linear = torch.nn.Linear(256, 96, bias=False)
+    layer = W8A8Linear(linear)
+    x = torch.randn(5, 256)
+    exact = linear(x)
+    assert 0 < ((layer(x) - exact).norm() / exact.norm()).item() < 0.03
+    assert layer(x.bfloat16()).dtype == torch.bfloat16
+    assert parameter_bytes(layer) < 0.3 * 256 * 96 * 4  # int8 codes and a scale a row, against fp32
+    mlp = quantize_linears(MLP(64, 96), "w8a8", torch.float32)
+    assert isinstance(mlp.gate_up_proj, W8A8Linear) and isinstance(mlp.down_proj, W8A8Linear)
