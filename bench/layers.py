@@ -76,7 +76,7 @@ class Driver:
 
     def __init__(self, model: DenseModel, routed: RoutedExperts):
         self.model, self.timed = model, TimedExperts(routed)
-        self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        self.dtype, self.device = model.norm.weight.dtype, model.norm.weight.device
         self.moe_layers = len(model.cfg.moe_layers)
 
     def step(self, cache: KVCache, ids: list[int]) -> tuple[float, int]:

@@ -15,7 +15,7 @@ from torch import nn
 
 from moemesh import hardware
 from moemesh.codec import parse_dtype
-from moemesh.packed import PackedLinear, packing_supported
+from moemesh.packed import HalfLinear, PackedLinear, packing_supported
 from moemesh.quant import INT8PACK_MAX_ROWS, Int8Linear
 from moemesh.quant_linear import Float8Linear, IntLinear, W8A8Linear
 
@@ -104,6 +104,8 @@ def module_kernels(modules: Iterable[nn.Module], dtype: torch.dtype, device: tor
         for module in root.modules():
             if isinstance(module, nn.Linear | PackedLinear):
                 seen[linear_kernel(dtype, device)] = None
+            elif isinstance(module, HalfLinear):
+                seen["fbgemm fp16 weights, widened to fp32 in the kernel"] = None
             elif isinstance(module, Int8Linear):
                 seen[int8_kernel(dtype, device)] = None
             elif isinstance(module, IntLinear):
@@ -128,11 +130,21 @@ QUANTIZED_AT_LOAD = {"int8": "int8 per output channel", "int4": "int4 by groups"
 
 
 def weights_format(
-    checkpoint_dtype: torch.dtype, dtype: torch.dtype, quantize: str = "none", stored: str | None = None
+    checkpoint_dtype: torch.dtype,
+    dtype: torch.dtype,
+    quantize: str = "none",
+    stored: str | None = None,
+    modules: Iterable[nn.Module] = (),
 ) -> str:
     """The weights' format in memory: a quantized checkpoint's (`stored`, its `QuantFormat.describe()`) kept as
-    stored, float weights in `dtype` or quantized at load (`quantize`)."""
+    stored, float weights in `dtype`, in fp16 where `modules` hold `HalfLinear`s, or quantized at load
+    (`quantize`)."""
     checkpoint = dtype_name(checkpoint_dtype)
-    held = f"{QUANTIZED_AT_LOAD[quantize]} (quantized at load)" if quantize in QUANTIZED_AT_LOAD else dtype_name(dtype)
+    if quantize in QUANTIZED_AT_LOAD:
+        held = f"{QUANTIZED_AT_LOAD[quantize]} (quantized at load)"
+    elif any(isinstance(module, HalfLinear) for root in modules for module in root.modules()):
+        held = f"float16 linears, the rest {checkpoint} or {dtype_name(dtype)}"
+    else:
+        held = dtype_name(dtype)
     floats = held if held == checkpoint else f"{held} (checkpoint {checkpoint})"
     return floats if stored is None else f"{stored} as stored, the rest {floats}"

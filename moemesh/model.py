@@ -18,7 +18,7 @@ from torch import nn
 
 from moemesh.checkpoint import Checkpoint
 from moemesh.config import GateConfig, ModelConfig, RopeConfig
-from moemesh.packed import pack_linears, packing_supported
+from moemesh.packed import half_weights_supported, pack_linears, packing_supported
 from moemesh.quant_linear import install_quantized, quantize_linears
 
 
@@ -386,7 +386,7 @@ class DenseModel(nn.Module):
 
     def _hidden_for_logits(self, batch: StepBatch, routed: RoutedExperts) -> Generator[None, None, torch.Tensor]:
         """One batch through every layer (pausing at each MoE layer), then the final norm of its logit rows."""
-        x = self.embed_tokens(batch.token_ids)  # [T, D]
+        x = self.embed_tokens(batch.token_ids).to(self.norm.weight.dtype)  # [T, D]
         cos, sin = self.rotary(batch.positions, x.dtype)
         for layer in self.layers:
             x = yield from layer.run(x, self.rotary, cos, sin, batch, routed)
@@ -398,6 +398,8 @@ class DenseModel(nn.Module):
     ) -> "DenseModel":
         """The dense part; a quantized checkpoint's linears at their stored width, and with `quantize` (int8,
         int4) the float ones made smaller too (attention, dense and shared MLPs, LM head; not the embeddings)."""
+        stored = ckpt.config.checkpoint_dtype
+        half = half_weights_supported(stored, dtype, device)  # linears and embeddings at the checkpoint's width
         with torch.device("meta"):
             model = cls(ckpt.config)
         state = ckpt.load(ckpt.tensors.dense(), dtype, device, keep_quantized=True)
@@ -406,10 +408,10 @@ class DenseModel(nn.Module):
         # The LM head is a decode step's largest matmul (a GEMV at one stream). Stored input-major (the same
         # [vocab, hidden] values over a [hidden, vocab] buffer), torch's CPU kernels stream it near memory
         # speed: 0.35x the time in fp32 and 0.76x in bf16 at one row (docs/benchmarks.md).
-        # Where the linears are packed for oneDNN (`moemesh.packed`), the packed head is faster still.
+        # Where the linears are packed (`moemesh.packed`), the packed head is faster still.
         tied = ckpt.config.tie_word_embeddings
         head = state["embed_tokens.weight" if tied else "lm_head.weight"]
-        if isinstance(head, torch.Tensor) and not packing_supported(dtype, device):
+        if isinstance(head, torch.Tensor) and not (packing_supported(dtype, device) or half):
             head = head.T.contiguous().T
         state["lm_head.weight"] = head
         if tied:
@@ -417,7 +419,10 @@ class DenseModel(nn.Module):
         install_quantized(model, state, dtype)
         model.load_state_dict(state, strict=True, assign=True)
         model.rotary = RotaryEmbedding(ckpt.config.rope).to(device)
-        return _finish_linears(model.eval(), quantize, dtype)
+        model = _finish_linears(model.eval(), quantize, dtype, stored)
+        if half:  # the rows looked up are widened to `dtype` (`_hidden_for_logits`)
+            model.embed_tokens.weight = nn.Parameter(model.embed_tokens.weight.to(stored), requires_grad=False)
+        return model
 
 
 def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> dict[int, Gate]:
@@ -431,9 +436,10 @@ def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device) -> di
     return gates
 
 
-def _finish_linears(module: nn.Module, quantize: str, dtype: torch.dtype) -> nn.Module:
-    """Float linears packed for oneDNN where that pays (`moemesh.packed`), or made int8 / int4 (`quantize`)."""
-    return pack_linears(module) if quantize == "none" else quantize_linears(module, quantize, dtype)
+def _finish_linears(module: nn.Module, quantize: str, dtype: torch.dtype, stored: torch.dtype) -> nn.Module:
+    """Float linears packed for their kernel where that pays (`moemesh.packed`; `stored`: the checkpoint's
+    dtype), or made int8 / int4 / W8A8 (`quantize`)."""
+    return pack_linears(module, stored) if quantize == "none" else quantize_linears(module, quantize, dtype)
 
 
 def load_experts(
@@ -450,5 +456,5 @@ def load_experts(
         install_quantized(module, state, dtype)
         module.load_state_dict(state, strict=True, assign=True)
         module = module.eval().requires_grad_(False)
-        experts[(layer, expert)] = _finish_linears(module, quantize, dtype)
+        experts[(layer, expert)] = _finish_linears(module, quantize, dtype, cfg.checkpoint_dtype)
     return experts

@@ -21,6 +21,7 @@ docs/benchmarks.md):
 the projections a module computes as one (q, k, v; gate, up) when their formats allow.
 """
 
+import functools
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -67,6 +68,24 @@ def int4pack_fits(weight: IntWeight, device: torch.device) -> bool:
         weight.bits == 4 and device.type == "cpu" and weight.group_size in INT4PACK_GROUPS
         and inp % weight.group_size == 0 and out % 16 == 0 and hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu")
     )  # fmt: skip
+
+
+INT4PACK_ROWS = 64  # `_convert_weight_to_int4pack_for_cpu` packs rows in blocks of 64 (AVX-512) or 32 (else)
+
+
+@functools.cache
+def int4pack_order(columns: int) -> torch.Tensor:
+    """Where each code of 64 rows x `columns` sits in the int4pack layout: nibble j of the layout (byte j // 2, low
+    nibble first) holds code `order[j]` of the row-major block. Learnt from the packing op itself, 4 bits of every
+    code's index at a time, since the layout differs between CPU kinds (blocks of 64 rows on AVX-512, 32 on AVX2);
+    returned inverted, to gather the row-major codes from the layout's nibbles."""
+    index = torch.arange(INT4PACK_ROWS * columns).view(INT4PACK_ROWS, columns)
+    found = torch.zeros(INT4PACK_ROWS * columns, dtype=torch.int64)
+    for shift in range(0, index.numel().bit_length(), 4):
+        probe = ((index >> shift) & 0xF).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 2).view(-1)
+        found |= torch.stack((packed & 0xF, packed >> 4), dim=-1).view(-1).long() << shift
+    return torch.argsort(found)
 
 
 NEVER = sys.maxsize
@@ -120,7 +139,7 @@ class IntLinear(nn.Module):
             self.register_buffer(
                 "scale_and_zero", scale_and_zero.transpose(0, 1).contiguous().to(self.kernel_dtype), persistent=False
             )
-            self.gemm_rows = gemm_rows(self, dtype) if self.out_features % 64 == 0 else NEVER
+            self.gemm_rows = gemm_rows(self, dtype) if self.out_features % INT4PACK_ROWS == 0 else NEVER
             return
         self.kernel = "dequantize"
         codes = weight.codes
@@ -133,12 +152,12 @@ class IntLinear(nn.Module):
         self.register_buffer("zeros", weight.zeros, persistent=False)
 
     def int4pack_dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight [out, in] in `dtype` read back from the int4pack layout, which (as
-        `_convert_weight_to_int4pack_for_cpu` writes it for rows in blocks of 64) holds in each byte the codes of
-        rows r (low nibble) and r + 32 of one column: [row block, column / 4, column % 4, r]."""
+        """The weight [out, in] in `dtype` read back from the int4pack layout (rows a multiple of 64), whose order
+        depends on the CPU's vector width (`int4pack_order`)."""
         n, k, g = self.out_features, self.in_features, self.group_size
-        v = self.packed.view(n // 64, k // 4, 4, 32)
-        codes = torch.stack((v & 0xF, v >> 4)).permute(1, 0, 4, 2, 3).reshape(n, k)
+        v = self.packed.view(n // INT4PACK_ROWS, -1)
+        nibbles = torch.stack((v & 0xF, v >> 4), dim=-1).view(n // INT4PACK_ROWS, -1)
+        codes = nibbles.index_select(1, int4pack_order(k)).view(n, k)
         scale, zero = self.scale_and_zero.to(dtype).unbind(-1)  # [groups, out] each
         w = codes.to(dtype).view(n, k // g, g).sub_(8)
         return w.mul_(scale.T[..., None]).add_(zero.T[..., None]).view(n, k)

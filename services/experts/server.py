@@ -44,9 +44,10 @@ def load_shard(settings: ExpertSettings, servicer: ExpertServicer) -> None:
 
 def announce_compute(settings: ExpertSettings, ckpt: Checkpoint, servicer: ExpertServicer) -> None:
     dtype, device = servicer.compute_dtype, servicer.device
-    kernels = {"experts": module_kernels(servicer.shard.run.experts.values(), dtype, device)}
+    experts = servicer.shard.run.experts.values()
+    kernels = {"experts": module_kernels(experts, dtype, device)}
     stored = ckpt.quant.describe() if ckpt.quantized else None
-    weights = weights_format(ckpt.config.checkpoint_dtype, dtype, settings.quantize, stored)
+    weights = weights_format(ckpt.config.checkpoint_dtype, dtype, settings.quantize, stored, experts)
     settings.compute_report("expert", ckpt.config.checkpoint_dtype, weights, kernels).announce()
 
 

@@ -151,7 +151,7 @@ class Engine:
         """`guard`: the output rules every generation's text is checked against while it streams."""
         self.model, self.routed, self.config, self.text, self.guard = model, routed, config, text, guard
         self.eos_ids = set(eos_ids)
-        self.dtype, self.device = model.embed_tokens.weight.dtype, model.embed_tokens.weight.device
+        self.dtype, self.device = model.norm.weight.dtype, model.norm.weight.device
         self.running: list[Sequence] = []
         self._waiting: list[Sequence] = []
         self.cost = StepCost()

@@ -217,7 +217,7 @@ def announce_compute(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint
         "experts": experts,
     }
     stored = ckpt.quant.describe() if ckpt.quantized else None
-    weights = weights_format(ckpt.config.checkpoint_dtype, dtype, settings.quantize, stored)
+    weights = weights_format(ckpt.config.checkpoint_dtype, dtype, settings.quantize, stored, [model])
     report = settings.compute_report("gateway", ckpt.config.checkpoint_dtype, weights, kernels)
     if settings.one_thread_step_tokens and (settings.router or settings.registry):
         report = replace(report, threads_reason=f"{report.threads_reason}; steps of at most "

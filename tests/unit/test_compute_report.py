@@ -6,6 +6,8 @@ from prometheus_client import REGISTRY
 
 from moemesh import compute_report, hardware
 from moemesh.compute_report import ComputeReport, dtype_choice, weights_format
+from moemesh.model import MLP
+from moemesh.packed import half_weights_supported, pack_linears
 
 pytestmark = pytest.mark.timeout(30)
 CPU = torch.device("cpu")
@@ -34,6 +36,17 @@ def test_weights_name_what_memory_holds():
     assert weights_format(torch.bfloat16, torch.bfloat16) == "bfloat16"
     assert weights_format(torch.bfloat16, torch.float32) == "float32 (checkpoint bfloat16)"
     assert weights_format(torch.bfloat16, torch.float32, "int8").startswith("int8 per output channel")
+
+
+@pytest.mark.skipif(not half_weights_supported(torch.bfloat16, torch.float32, CPU), reason="no fbgemm fp16 kernels")
+def test_half_weights_are_named_with_their_kernel():
+    mlp = pack_linears(MLP(16, 32), torch.bfloat16)
+    assert weights_format(torch.bfloat16, torch.float32, modules=[mlp]) == (
+        "float16 linears, the rest bfloat16 or float32 (checkpoint bfloat16)"
+    )
+    assert compute_report.module_kernels([mlp], torch.float32, CPU) == (
+        "fbgemm fp16 weights, widened to fp32 in the kernel"
+    )
 
 
 def test_kernels_follow_dtype_and_format(monkeypatch):
