@@ -3,8 +3,10 @@
 For an expert's projections (hidden 1024 -> 2816 and back) and the LM head (1024 -> 32,000), at 1 to 128 rows,
 ms per call with the weights read from memory (enough copies to fill ~400 MB, cycled), on 2 torch threads:
 
-- fp32: `F.linear` on fp32 weights (a bf16 checkpoint on a CPU without native bf16, `--dtype auto`);
+- fp32: `F.linear` on fp32 weights (an fp32 checkpoint);
 - bf16: `F.linear` on bf16 weights in bf16, and prepacked for oneDNN where the CPU has native bf16;
+- fp16 weights: `HalfLinear` (fbgemm's packed fp16 weights, widened to fp32 in the kernel: what a bf16 checkpoint
+  computed in fp32 holds);
 - int8: `Int8Linear` (per output channel; `_weight_int8pack_mm` for bf16 up to 12 rows), and `W8A8Linear` (int8
   activations quantized per call, `torch.ao`'s dynamic linear on the engine `w8a8_engine()` picks);
 - int4: `IntLinear` as it loads (`int4pack`, `_weight_int4pack_mm_for_cpu`, on bf16 inputs, or on fp32 inputs
@@ -24,7 +26,7 @@ import torch.nn.functional as F
 
 from bench.common import command_line, cpu_description, load_average, table
 from bench.micro import _median_us
-from moemesh.packed import PackedLinear, packing_supported
+from moemesh.packed import HalfLinear, PackedLinear, half_weights_supported, packing_supported
 from moemesh.quant import Int8Linear
 from moemesh.quant_formats import Float8Weight
 from moemesh.quant_linear import NEVER, Float8Linear, IntLinear, W8A8Linear, exact_kernels, rtn_int4, w8a8_engine
@@ -58,6 +60,8 @@ def kernels(inputs: int, outputs: int) -> dict[str, tuple[list[Callable], torch.
     out["bf16 F.linear"] = ([partial(F.linear, weight=c) for c in bf16], torch.bfloat16)
     if packing_supported(torch.bfloat16, torch.device("cpu")):
         out["bf16 prepacked"] = ([PackedLinear(c, None) for c in bf16], torch.bfloat16)
+    if half_weights_supported(torch.bfloat16, torch.float32, torch.device("cpu")):
+        out["fp16 weights, fp32 x (fbgemm)"] = ([HalfLinear(c.float(), None) for c in bf16], torch.float32)
     del fp32, bf16
     n = _copies(inputs, outputs, 1)
     linear = torch.nn.Linear(inputs, outputs, bias=False)
