@@ -139,12 +139,6 @@ class ExpertSettings(ServiceSettings):
         description="address routers reach this replica at; default host:port, or with host 0.0.0.0 the IP that "
         "this machine's host name resolves to (a container's own)",
     )
-    fault_slowdown: float = Field(
-        1.0, description="fault injection for tests: while on (SIGUSR1 toggles), each call takes this many times longer"
-    )
-    fault_load_delay_s: float = Field(
-        0.0, description="fault injection for tests: wait this long (serving, health NOT_SERVING) before loading"
-    )
 
 
 class RouterSettings(ServiceSettings):
@@ -239,9 +233,6 @@ class GatewaySettings(ServiceSettings):
     )
     input_filter: Path | None = Field(
         None, description="content rules file (YAML or JSON): input rules, PII redaction and output rules"
-    )
-    fault_engine_crash_after_s: float = Field(
-        0.0, description="fault injection for tests: the engine thread dies this many seconds after start; 0: never"
     )
 
     @model_validator(mode="after")

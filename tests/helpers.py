@@ -275,12 +275,15 @@ class RedisServer:
 
 
 class ServiceProcess:
-    """One more service (`moemesh gateway|router|expert`) beside a running cluster, fp32, port 0."""
+    """One more service (`moemesh gateway|router|expert`) beside a running cluster, fp32, port 0; `faults`: its
+    `MOEMESH_FAULTS` (`moemesh.faults`)."""
 
-    def __init__(self, role: str, model_dir: Path, *args: str):
+    def __init__(self, role: str, model_dir: Path, *args: str, faults: str = ""):
         argv = [sys.executable, "-m", "moemesh.cli", role, "--model", str(model_dir), "--port", "0",
                 "--dtype", "float32", *args]  # fmt: skip
         env = {"OMP_WAIT_POLICY": "PASSIVE"} | dict(os.environ)  # as `moemesh up` runs its services
+        if faults:
+            env["MOEMESH_FAULTS"] = faults
         self.proc = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env
         )  # fmt: skip
@@ -314,8 +317,8 @@ class GatewayProcess(ServiceProcess):
 class ExpertProcess(ServiceProcess):
     """An expert replica announcing itself in the registry."""
 
-    def __init__(self, model_dir: Path, shard: str, registry: str, *args: str):
-        super().__init__("expert", model_dir, "--shard", shard, "--registry", registry, *args)
+    def __init__(self, model_dir: Path, shard: str, registry: str, *args: str, faults: str = ""):
+        super().__init__("expert", model_dir, "--shard", shard, "--registry", registry, *args, faults=faults)
 
     def served(self) -> int:
         from moemesh.v1 import expert_pb2, expert_pb2_grpc

@@ -152,7 +152,7 @@ def test_a_slow_replica_loses_its_traffic_and_no_request_fails(mixtral_dir):
     cluster = Cluster(mixtral_dir, "--experts", "2", "--dtype", "float32")
     # As many threads as `up` gives its shards, so that both replicas of shard 0/2 start equally fast.
     threads = ClusterSpec(model=mixtral_dir, experts=2).service_threads()
-    slow = ExpertProcess(mixtral_dir, "0/2", cluster.redis, "--fault-slowdown", "10", "--threads", str(threads))
+    slow = ExpertProcess(mixtral_dir, "0/2", cluster.redis, "--threads", str(threads), faults="expert_slowdown=10")
     normal = cluster.experts[0]  # the other replica of shard 0/2
     stop, failures, done = threading.Event(), [], []
 

@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import start_http_server
 from prometheus_client.parser import text_string_to_metric_families
 
+from moemesh import faults
 from moemesh.rpc import CHANNEL_OPTIONS
 from moemesh.settings import GatewaySettings
 from moemesh.v1 import expert_pb2, expert_pb2_grpc, gateway_pb2, gateway_pb2_grpc
@@ -185,7 +186,8 @@ def test_gateway_metrics_count_every_call_and_log_one_json_line_each(mixtral_dir
 @pytest.mark.timeout(120)
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the injected crash
 def test_readiness_turns_not_serving_when_the_engine_thread_dies(mixtral_dir):
-    with gateway(mixtral_dir, fault_engine_crash_after_s=3.0) as (stub, channel, (engine, _)):
+    with gateway(mixtral_dir) as (stub, channel, (engine, _)):
+        faults.crash_engine_after(engine, 3.0)
         wait_health(channel, "moemesh.v1.Gateway", SERVING, 10)
         assert health(channel, "") == SERVING
 
@@ -289,8 +291,9 @@ def test_readiness_follows_a_stopped_router(cluster):
 @pytest.mark.timeout(120)
 def test_expert_is_not_serving_until_its_shard_is_loaded(mixtral_dir):
     argv = [sys.executable, "-m", "moemesh.cli", "expert", "--model", str(mixtral_dir), "--port", "0", "--dtype",
-            "float32", "--metrics-port", "0", "--fault-load-delay-s", "3"]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+            "float32", "--metrics-port", "0"]  # fmt: skip
+    env = dict(os.environ, MOEMESH_FAULTS="expert_load_delay_s=3")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1, env=env)
     try:
         lines = iter(proc.stdout)
         metrics = next(m.group(1) for line in lines if (m := re.match(r"^expert metrics on (\S+)", line)))

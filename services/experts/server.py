@@ -1,9 +1,6 @@
 """`moemesh expert`: bind the port (health NOT_SERVING), load the shard, then serve it (SERVING)."""
 
-import signal
-import time
-
-from moemesh import tracing
+from moemesh import faults, tracing
 from moemesh.checkpoint import Checkpoint
 from moemesh.compute_report import module_kernels, weights_format
 from moemesh.compute_threads import in_passing_thread
@@ -22,8 +19,10 @@ def create_service(settings: ExpertSettings, load: bool = True) -> tuple[Service
     ckpt = Checkpoint(settings.model)
     dtype = settings.compute_dtype(ckpt.config.checkpoint_dtype, device)
     credentials = settings.tls().server_credentials(require_client_auth=True)
-    service = Service("expert", settings.host, settings.port, credentials=credentials)
-    servicer = ExpertServicer(None, device, dtype, settings.wire_torch_dtype(dtype), settings.fault_slowdown)
+    service = Service(
+        "expert", settings.host, settings.port, credentials=credentials, interceptors=faults.expert_interceptors()
+    )
+    servicer = ExpertServicer(None, device, dtype, settings.wire_torch_dtype(dtype))
     expert_pb2_grpc.add_ExpertServicer_to_server(servicer, service.server)
     if load:
         load_shard(settings, servicer)
@@ -31,8 +30,7 @@ def create_service(settings: ExpertSettings, load: bool = True) -> tuple[Service
 
 
 def load_shard(settings: ExpertSettings, servicer: ExpertServicer) -> None:
-    if settings.fault_load_delay_s > 0:
-        time.sleep(settings.fault_load_delay_s)  # fault injection: a slow load, to observe NOT_SERVING
+    faults.delay_load()
     ckpt = Checkpoint(settings.model)
     # In a passing thread: the handler threads that compute hold the process's only OpenMP pool
     # (`moemesh.compute_threads`)
@@ -61,8 +59,6 @@ def serve(settings: ExpertSettings) -> None:
     print(f"expert loading shard {settings.shard} on {service.address}", flush=True)
     load_shard(settings, servicer)
     shard = servicer.shard
-    if settings.fault_slowdown != 1.0:
-        signal.signal(signal.SIGUSR1, lambda *_: servicer.toggle_slowdown())
     announce_compute(settings, Checkpoint(settings.model), servicer)
     service.ready()
     registration = None

@@ -30,22 +30,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         device: torch.device,
         compute_dtype: torch.dtype,
         wire_dtype: torch.dtype,
-        slowdown: float = 1.0,
     ):
         """`shard`: None while it loads (calls are UNAVAILABLE until `set_shard`); its weights are on `device`."""
         self.shard, self.device, self.compute_dtype, self.wire_dtype = None, device, compute_dtype, wire_dtype
         self.served = 0  # requests answered, for operators and tests to see traffic arrive
-        self.slowdown = slowdown  # fault injection: each call takes this many times its compute time, when on
-        self.slow = False
         if shard is not None:
             self.set_shard(shard)
 
     def set_shard(self, shard: ExpertShard) -> None:
         self.shard = shard
         PARAMETER_BYTES.set(shard.parameter_bytes)
-
-    def toggle_slowdown(self) -> None:
-        self.slow = not self.slow
 
     @map_errors
     def Forward(self, requests: Iterator[expert_pb2.ExpertRequest], context) -> Iterator[expert_pb2.ExpertResponse]:
@@ -65,8 +59,6 @@ class ExpertServicer(expert_pb2_grpc.ExpertServicer):
         attributes = {"moemesh.layer": request.layer, "moemesh.tokens": rows.shape[0], "moemesh.experts": len(groups)}
         with tracing.call_span("expert.forward", request.traceparent, attributes):
             out = self._loaded().forward(request.layer, groups, rows)
-        if self.slow:
-            time.sleep((self.slowdown - 1) * (time.monotonic() - started))
         self.served += 1
         layer = str(request.layer)  # a layer the shard holds: `forward` refused any other
         TOKENS.labels(layer=layer).inc(rows.shape[0])

@@ -157,7 +157,7 @@ class Engine:
         self.cost = StepCost()
         self._wakeup = threading.Condition()
         self._stopped = False
-        self._crash = False  # fault injection (`crash_after`)
+        self._crash = False  # `inject_crash`
         self._threads = 1  # the engine thread's torch threads, read when it starts
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
 
@@ -169,18 +169,12 @@ class Engine:
         """Whether the engine thread runs (the gateway's readiness)."""
         return self._thread.is_alive()
 
-    def crash_after(self, seconds: float) -> None:
-        """Fault injection for tests (`--fault-engine-crash-after-s`): the engine thread dies with an
-        exception `seconds` from now, as a bug would kill it."""
-
-        def crash() -> None:
-            with self._wakeup:
-                self._crash = True
-                self._wakeup.notify()
-
-        timer = threading.Timer(seconds, crash)
-        timer.daemon = True
-        timer.start()
+    def inject_crash(self) -> None:
+        """The test suite's hook (`moemesh.faults`): the engine thread dies with an exception at its next turn,
+        as a bug would kill it."""
+        with self._wakeup:
+            self._crash = True
+            self._wakeup.notify()
 
     def stop(self) -> None:
         """Stops stepping; every sequence still running or waiting ends with UNAVAILABLE."""

@@ -9,7 +9,7 @@ from grpc_reflection.v1alpha import reflection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from moemesh import hardware, ports, tracing
+from moemesh import faults, hardware, ports, tracing
 from moemesh.checkpoint import Checkpoint
 from moemesh.compute_report import attention_kernel, module_kernels, weights_format
 from moemesh.compute_threads import in_passing_thread
@@ -194,8 +194,7 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
         service.health, engine, settings.router.split(",") if settings.router else [],
         settings.tls().channel_credentials(),
     )  # fmt: skip
-    if settings.fault_engine_crash_after_s > 0:
-        engine.crash_after(settings.fault_engine_crash_after_s)  # fault injection, counted from here
+    faults.arm_engine(engine)
     service.readiness.start()  # type: ignore[attr-defined]
     return service, engine
 
