@@ -267,9 +267,8 @@ def _run(args: argparse.Namespace) -> int:
             _write_plan_overlay(plan, args)
         return 0
     if args.command == "keys":
-        from moemesh.keys_cli import run_keys
-
-        return run_keys(args.action, args.id, args.limits, args.file, args.redis)
+        keys_cli = importlib.import_module("services.gateway.keys_cli")  # the gateway's key stores, as services run
+        return keys_cli.run_keys(args.action, args.id, args.limits, args.file, args.redis)
     if args.command == "build-demo-model":
         from moemesh import demo_model
 

@@ -92,7 +92,8 @@ def torch_build() -> str:
 def auto_compute_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """`--dtype auto`: fp32 checkpoints compute in fp32; half-precision ones in bf16 where the device has
     native bf16 (a CPU with AVX512_BF16/AMX/Arm BF16, a CUDA GPU of compute capability 8.0+), else in fp32
-    (on such a CPU several times faster, and exact)."""
+    (on such a CPU several times faster, and exact), from fp16 weights where fbgemm has its kernels
+    (`moemesh.packed.HalfLinear`)."""
     if checkpoint_dtype == torch.float32:
         return checkpoint_dtype
     return torch.bfloat16 if native_bf16(device) else torch.float32

@@ -1,4 +1,5 @@
-"""`moemesh keys add|list|revoke`: API keys in a key file or in Redis (see services/gateway/keys.py)."""
+"""`moemesh keys add|list|revoke`: API keys in a key file or in Redis (`services.gateway.keys`), edited by the
+same code the gateway reads them with."""
 
 from pathlib import Path
 
