@@ -2,6 +2,7 @@
 demo model."""
 
 import argparse
+import importlib
 import logging
 import os
 import sys
@@ -201,7 +202,6 @@ def _run(args: argparse.Namespace) -> int:
             )
         )  # fmt: skip
     if args.command in SERVICES:
-        import importlib
 
         from pydantic import ValidationError
 
