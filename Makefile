@@ -1,7 +1,7 @@
 PYTHON := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install protos npm test demo demo-model bench bench-sessions soak clean
+.PHONY: install protos npm test test-integration demo demo-model bench bench-sessions soak clean
 
 install: protos npm
 	command -v redis-server >/dev/null || (apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y redis-server)
@@ -32,8 +32,13 @@ npm: $(NPM_STAMPS)
 	npm ci --prefix $* --no-audit --no-fund
 	touch $@
 
+# The fast suite: unit tests, in-process parity and API checks (~3 minutes on 2 cores); `test-integration` runs the
+# tests marked `integration` (real `moemesh up` clusters, service processes, redis-server, the chaos soak).
 test: install
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q -m "not integration" --durations=10
+
+test-integration: install
+	$(PYTHON) -m pytest -q -m integration --durations=20
 
 demo: install
 	bash scripts/demo.sh
