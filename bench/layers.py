@@ -186,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     rounds = args.decode_steps  # router-alone calls per MoE layer and size
     from moemesh import demo_model
     from moemesh.settings import GatewaySettings
+    from services.gateway.experts import local_experts, registry_experts
     from services.gateway.router_client import RouterClient
-    from services.gateway.server import local_experts, registry_experts
 
     model_dir = (args.model or demo_model.ensure()).resolve()
     print(f"command: {command_line('bench.layers')}\ncpu: {cpu_description()}; {load_average()}", flush=True)

@@ -26,7 +26,7 @@ from bench.model import BENCH_DIR
 from moemesh.checkpoint import Checkpoint
 from moemesh.model import DenseModel, KVCache, SequenceSlice, StepBatch
 from services.experts.shard import ExpertShard
-from services.gateway.server import local_experts
+from services.gateway.experts import local_experts
 from services.gateway.text import TextCodec
 
 CPU = torch.device("cpu")

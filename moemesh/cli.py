@@ -202,7 +202,6 @@ def _run(args: argparse.Namespace) -> int:
             )
         )  # fmt: skip
     if args.command in SERVICES:
-
         from pydantic import ValidationError
 
         from moemesh.allocator import retain_freed_memory

@@ -6,9 +6,10 @@ import torch
 from moemesh.moe import RoutedMoE
 from moemesh.settings import GatewaySettings
 from moemesh.v1 import gateway_pb2
+from services.gateway.experts import local_experts
 from services.gateway.requests import GenerationRequest, SamplingConfig, StepOutput, merge
 from services.gateway.router_client import RouterClient
-from services.gateway.server import build_engine, local_experts
+from services.gateway.server import build_engine
 from tests.helpers import CPU, Cluster, hf_greedy, stepwise_logits
 
 STEPS = 32

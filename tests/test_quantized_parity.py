@@ -16,7 +16,7 @@ from moemesh.checkpoint import Checkpoint
 from moemesh.model import DenseModel, KVCache, SequenceSlice, StepBatch
 from moemesh.quant_linear import IntLinear, exact_kernels
 from moemesh.v1 import gateway_pb2
-from services.gateway.server import local_experts
+from services.gateway.experts import local_experts
 from tests.family_checkpoints import FAMILIES
 from tests.helpers import CPU, Cluster, hf_greedy, make_mixtral, stepwise_logits
 from tests.quantized_checkpoints import Format, quantize_checkpoint

@@ -4,7 +4,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import redis
-import torch
 from grpc_reflection.v1alpha import reflection
 from redis.backoff import NoBackoff
 from redis.retry import Retry
@@ -14,8 +13,7 @@ from moemesh.checkpoint import Checkpoint
 from moemesh.compute_report import attention_kernel, module_kernels, weights_format
 from moemesh.compute_threads import in_passing_thread
 from moemesh.errors import ConfigError
-from moemesh.model import DenseModel, RoutedExperts, load_experts, load_gates
-from moemesh.moe import LocalExperts, RoutedMoE
+from moemesh.model import DenseModel
 from moemesh.rpc import Service
 from moemesh.settings import GatewaySettings
 from moemesh.telemetry import serve_metrics
@@ -24,17 +22,16 @@ from services.gateway.chat import Conversations
 from services.gateway.chat_template import ChatTemplate, eos_token_ids
 from services.gateway.content.config import ContentControls, load_controls
 from services.gateway.engine import Engine, EngineConfig
+from services.gateway.experts import ExpertBackend, connect_experts
 from services.gateway.health import Readiness
 from services.gateway.keys import Authenticator, KeyFile, KeyStore, RedisKeys
 from services.gateway.kv_store import KVStore, load_client
 from services.gateway.quotas import Quotas
 from services.gateway.request_trace import ServerSpans
 from services.gateway.requests import Limits
-from services.gateway.router_client import RouterClient
 from services.gateway.servicer import GatewayServicer
 from services.gateway.sessions import SessionStore
 from services.gateway.text import TextCodec
-from services.router.server import ExpertServices, remote_moe
 
 GATEWAY_SERVICE = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
 KV_SHARE_OF_FREE_MEMORY = 0.4  # the default KV budget: this share of the memory free when the gateway starts
@@ -42,28 +39,15 @@ HEALTH_THREADS = 32  # server threads beyond the Gateway calls' limit: health ch
 
 
 def build_engine(settings: GatewaySettings, controls: ContentControls | None = None) -> tuple[Engine, Checkpoint]:
-    """The engine over the dense model, with the experts behind the routers, called directly (`registry`) or in
-    this process, and the output rules of `controls` (default: those of `settings.input_filter`). Weights are
-    loaded in passing threads, so that the engine's is the one thread with an OpenMP pool
-    (`moemesh.compute_threads`)."""
+    """The engine over the dense model and the experts the settings name (`connect_experts`), with the output
+    rules of `controls` (default: those of `settings.input_filter`). Weights are loaded in passing threads, so
+    that the engine's is the one thread with an OpenMP pool (`moemesh.compute_threads`)."""
     controls = controls or load_controls(settings.input_filter)
     device = settings.torch_device()
     ckpt = Checkpoint(settings.model)
     cfg = ckpt.config
     dtype = settings.compute_dtype(cfg.checkpoint_dtype, device)
-    routed: RoutedExperts
-    if settings.router:
-        routers = settings.router.split(",")
-        credentials = settings.tls().channel_credentials()
-        RouterClient.wait_ready(routers, settings.router_timeout_s, credentials)
-        routed = RouterClient(
-            routers, device, dtype, settings.wire_torch_dtype(dtype), settings.router_timeout_s,
-            settings.hedge_floor_s, credentials,
-        )  # fmt: skip
-    elif settings.registry:
-        routed = in_passing_thread(lambda: registry_experts(settings, ckpt, device, dtype))
-    else:
-        routed = in_passing_thread(lambda: local_experts(ckpt, dtype, device, settings.quantize))
+    experts = connect_experts(settings, ckpt, device, dtype)
     config = EngineConfig(
         settings.max_batch_seqs,
         settings.max_batch_tokens,
@@ -72,31 +56,19 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
         settings.kv_cache_bytes or int(KV_SHARE_OF_FREE_MEMORY * hardware.available_memory_bytes(device)),
         settings.micro_batches,
         settings.micro_batch_min_tokens,
-        settings.one_thread_step_tokens if settings.router or settings.registry else 0,
+        settings.one_thread_step_tokens if experts.is_remote else 0,
     )
     text = TextCodec.from_dir(settings.model)
     eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids
     dense = in_passing_thread(lambda: DenseModel.from_checkpoint(ckpt, dtype, device, settings.quantize))
-    engine = Engine(dense, routed, config, text, eos_ids, controls.output)
+    engine = Engine(dense, experts, config, text, eos_ids, controls.output)
     return engine, ckpt
 
 
-def registry_experts(
-    settings: GatewaySettings, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype
-) -> RoutedMoE:
-    """The gates, and the expert services announced in `settings.registry`, called by this gateway itself."""
-    services = ExpertServices(
-        settings.registry, [], settings.router_timeout_s, settings.router_timeout_s, settings.hedge_floor_s
-    )
-    return remote_moe(ckpt, device, dtype, settings.wire_torch_dtype(dtype), services, settings.tls())
-
-
-def local_experts(ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, quantize: str = "none") -> RoutedMoE:
-    """Every routed expert, in this process (a gateway without a router)."""
-    cfg = ckpt.config
-    pairs = [(layer, e) for layer in cfg.moe_layers for e in range(cfg.num_experts)]
-    experts = LocalExperts(load_experts(ckpt, pairs, dtype, device, quantize))
-    return RoutedMoE(load_gates(ckpt, dtype, device), experts, cfg.num_experts)
+def experts_of(engine: Engine) -> ExpertBackend:
+    """The backend `build_engine` gave the engine."""
+    assert isinstance(engine.routed, ExpertBackend)
+    return engine.routed
 
 
 def redis_client(settings: GatewaySettings) -> redis.Redis | None:
@@ -191,7 +163,7 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     reflection.enable_server_reflection(names, service.server)
     # Readiness (health service moemesh.v1.Gateway): engine thread alive, a router answering.
     service.readiness = Readiness(  # type: ignore[attr-defined]
-        service.health, engine, settings.router.split(",") if settings.router else [],
+        service.health, engine, experts_of(engine).routers,
         settings.tls().channel_credentials(),
     )  # fmt: skip
     faults.arm_engine(engine)
@@ -203,22 +175,16 @@ def announce_compute(settings: GatewaySettings, engine: Engine, ckpt: Checkpoint
     dtype, device, model = engine.dtype, engine.device, engine.model
     attention = [layer.self_attn for layer in model.layers]
     dense = [part for layer in model.layers for part in (layer.mlp, layer.shared, layer.shared_gate) if part]
-    if settings.router:
-        experts = f"the routers at {settings.router}"
-    elif settings.registry:
-        experts = "the expert services of the registry, called by this gateway"
-    else:
-        experts = f"in this process: {module_kernels(engine.routed.executor.experts.values(), dtype, device)}"
     kernels = {
         "attention": f"{attention_kernel(dtype, device)}; projections {module_kernels(attention, dtype, device)}",
         "dense": module_kernels(dense, dtype, device),
         "lm head": module_kernels([model.lm_head], dtype, device),
-        "experts": experts,
+        "experts": experts_of(engine).describe(dtype, device),
     }
     stored = ckpt.quant.describe() if ckpt.quantized else None
     weights = weights_format(ckpt.config.checkpoint_dtype, dtype, settings.quantize, stored, [model])
     report = settings.compute_report("gateway", ckpt.config.checkpoint_dtype, weights, kernels)
-    if settings.one_thread_step_tokens and (settings.router or settings.registry):
+    if settings.one_thread_step_tokens and experts_of(engine).is_remote:
         report = replace(report, threads_reason=f"{report.threads_reason}; steps of at most "
                          f"{settings.one_thread_step_tokens} tokens on 1, the experts being remote")  # fmt: skip
     report.announce()

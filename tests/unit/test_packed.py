@@ -10,7 +10,7 @@ from moemesh import packed
 from moemesh.checkpoint import Checkpoint
 from moemesh.model import MLP, DenseModel
 from moemesh.packed import HalfLinear, PackedLinear, half_weights_supported, pack_linears, packing_supported
-from services.gateway.server import local_experts
+from services.gateway.experts import local_experts
 from tests.helpers import CPU, hf_greedy, make_mixtral, stepwise_logits
 
 pytestmark = pytest.mark.timeout(120)
