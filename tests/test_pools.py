@@ -90,11 +90,11 @@ def test_a_joining_replica_takes_traffic_within_5s(pool, mixtral_dir, expected):
     replica = ExpertProcess(mixtral_dir, "1/2", pool.redis)
     try:
         joined = time.monotonic()
-        stop = threading.Event()
+        stop, outputs = threading.Event(), []
 
         def keep_busy():
             while not stop.is_set():
-                tokens(pool, PROMPTS[3])
+                outputs.append(tokens(pool, PROMPTS[3]))
 
         load = threading.Thread(target=keep_busy)
         load.start()
@@ -105,6 +105,8 @@ def test_a_joining_replica_takes_traffic_within_5s(pool, mixtral_dir, expected):
         finally:
             stop.set()
             load.join()
+        assert outputs and all(out == expected[3] for out in outputs), "the joined pool changed the tokens"
+        assert tokens(pool, PROMPTS[3]) == expected[3]
     finally:
         replica.close()
 

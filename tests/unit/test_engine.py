@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moemesh.errors import Cancelled, InvalidArgument, ResourceExhausted
+from moemesh.errors import Cancelled, InvalidArgument, ResourceExhausted, Unavailable
 from moemesh.settings import GatewaySettings
 from services.gateway import metrics
 from services.gateway.engine import Engine
@@ -247,9 +247,8 @@ def test_stop_ends_every_sequence(model_dir):
         try:
             for _ in outs:
                 pass
-        except Exception:  # noqa: BLE001 - any error ends the caller's wait
-            pass
-        ended.append(seq)
+        except Unavailable as exc:  # what a stopped engine tells every caller
+            ended.append((seq, "shutting down" in str(exc)))
 
     threads = [
         threading.Thread(target=drain, args=a, daemon=True) for a in ((running, outputs), (waiting, waiting.outputs()))
@@ -259,7 +258,8 @@ def test_stop_ends_every_sequence(model_dir):
     deadline = time.monotonic() + 2
     for t in threads:
         t.join(timeout=max(0.0, deadline - time.monotonic()))
-    assert len(ended) == 2, "callers of outputs() still blocked after Engine.stop()"
+    assert len(ended) == 2, "callers of outputs() still blocked, or not told UNAVAILABLE, after Engine.stop()"
+    assert {seq for seq, _ in ended} == {running, waiting} and all(said for _, said in ended), ended
 
 
 def test_cancel_a_running_request(engine):
