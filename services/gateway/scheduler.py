@@ -1,4 +1,5 @@
-"""Who runs next: admission by priority, prefill shortest-first with aging, chunks that keep decodes flowing.
+"""Who runs next (`Scheduler`, whose `schedule()` returns each step's `StepPlan`): admission by priority,
+prefill shortest-first with aging, chunks that keep decodes flowing.
 
 - Admission: the waiting request with the lowest `priority` value first (vLLM's convention; default 0),
   first come first served among equals.
@@ -15,10 +16,16 @@
 """
 
 from collections import deque
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+
+from moemesh.errors import ResourceExhausted
+from moemesh.model import KVCache
+from services.gateway.sequence import RequestStatus, Sequence
 
 AGING_TOKENS_PER_S = 256.0  # a second of waiting counts as this many prompt tokens fewer
 MIN_PREFILL_CHUNK = 16  # prefill always moves by at least this much, whatever the budget says
@@ -89,3 +96,134 @@ def _fit(steps: list[tuple[int, int, float]]) -> tuple[float, float, float] | No
     else:
         (fixed, per_decode, per_token), *_ = np.linalg.lstsq(x, y, rcond=None)
     return float(fixed), float(per_decode), max(float(per_token), MIN_TOKEN_S)
+
+
+@dataclass
+class StepPlan:
+    """What one step computes: each chosen sequence with its number of tokens (decodes first, one each, then
+    prefill chunks), and the sequences preempted to make room for it."""
+
+    chosen: list[tuple[Sequence, int]]
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(n for _, n in self.chosen)
+
+    @property
+    def prefill_chunks(self) -> list[int]:
+        return [n for _, n in self.chosen if n > 1]
+
+
+class Scheduler:
+    """The waiting queue and the running batch, and the one that moves sequences between them: admission
+    (`next_to_admit`, within `max_batch_seqs` and the KV budget), preemption (the latest admitted, as vLLM does,
+    while a step's KV growth would pass the budget) and each step's `StepPlan`. It computes nothing; the engine
+    calls it under its lock."""
+
+    def __init__(
+        self,
+        *,
+        max_batch_seqs: int,
+        max_batch_tokens: int,
+        max_waiting: int,
+        max_decode_stall_s: float,
+        kv_cache_bytes: int,
+        kv_bytes: Callable[[int], int],
+        new_cache: Callable[[], KVCache],
+    ):
+        """`kv_bytes(positions)`: a cache's bytes for that many positions; `new_cache()`: an empty one."""
+        self.max_batch_seqs, self.max_batch_tokens, self.max_waiting = max_batch_seqs, max_batch_tokens, max_waiting
+        self.max_decode_stall_s, self.kv_cache_bytes = max_decode_stall_s, kv_cache_bytes
+        self.kv_bytes, self.new_cache = kv_bytes, new_cache
+        self.running: list[Sequence] = []
+        self.waiting: list[Sequence] = []
+        self.cost = StepCost()
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.max_waiting:
+            raise ResourceExhausted(f"waiting queue is full ({self.max_waiting} requests); retry later")
+        seq.status = RequestStatus.WAITING
+        self.waiting.append(seq)
+
+    def take_all(self) -> list[Sequence]:
+        """Every sequence, running or waiting, now ABORTED and out of the scheduler (the engine stops)."""
+        left = [*self.running, *self.waiting]
+        self.running, self.waiting = [], []
+        for seq in left:
+            seq.status = RequestStatus.ABORTED
+        return left
+
+    def drop_finished_by_client(self, now: float) -> list[Sequence]:
+        """Sequences whose client cancelled or whose deadline passed leave the batch and the queue (ABORTED)."""
+        gone = [s for s in (*self.running, *self.waiting) if s.cancelled or s.expired(now)]
+        for seq in gone:
+            (self.running if seq.status is RequestStatus.RUNNING else self.waiting).remove(seq)
+            seq.status = RequestStatus.ABORTED
+        return gone
+
+    def admit(self) -> list[Sequence]:
+        """Waiting sequences join the batch, by `next_to_admit`, while there are places and KV memory for
+        their prompts (the first one always joins an empty batch: the engine checked that it fits alone);
+        returns those admitted."""
+        admitted = []
+        while self.waiting and len(self.running) < self.max_batch_seqs:
+            index = next_to_admit(self.waiting)
+            seq = self.waiting[index]
+            if self.running and self.kv_cache_bytes:
+                held = seq.cache.nbytes if seq.cache is not None else 0
+                needed = self.kv_bytes(seq.pending + seq.computed + 1) - held
+                if self.kv_held() + needed > self.kv_cache_bytes:
+                    break
+            del self.waiting[index]
+            if seq.cache is None:
+                seq.cache = self.new_cache()
+            seq.status = RequestStatus.RUNNING
+            self.running.append(seq)
+            admitted.append(seq)
+        return admitted
+
+    def kv_held(self) -> int:
+        return sum(s.cache.nbytes for s in self.running if s.cache is not None)
+
+    def schedule(self, now: float) -> StepPlan:
+        """The next step: decode tokens first (one each), then prefill chunks (`prefill_order`) while the token
+        budget and the decode stall budget last, less any sequence preempted to keep KV within budget."""
+        budget = self.max_batch_tokens
+        chosen = [(s, 1) for s in self.running if s.pending == 1][:budget]
+        budget -= len(chosen)
+        if chosen and (room := self.cost.prefill_room(self.max_decode_stall_s)) is not None:
+            budget = min(budget, room)
+        for seq in prefill_order([s for s in self.running if s.pending > 1], now):
+            if budget <= 0:
+                break
+            take = min(seq.pending, budget)
+            chosen.append((seq, take))
+            budget -= take
+        return self._make_room(StepPlan(chosen))
+
+    def _make_room(self, plan: StepPlan) -> StepPlan:
+        """Preempts the latest-admitted sequences while the step's KV growth would pass the budget: each frees
+        its cache and waits to be admitted again, then recomputes its prompt and output so far in one prefill,
+        so its tokens are those it would have had."""
+        if not self.kv_cache_bytes:
+            return plan
+        while len(plan.chosen) > 1:
+            growth = sum(
+                self.kv_bytes(seq.computed + n) - seq.cache.nbytes
+                for seq, n in plan.chosen
+                if seq.computed + n > seq.cache.capacity
+            )
+            if self.kv_held() + growth <= self.kv_cache_bytes:
+                break
+            victim = self.running.pop()
+            victim.cache, victim.computed, victim.preempted = None, 0, True
+            victim.status = RequestStatus.WAITING
+            self.waiting.append(victim)
+            plan = StepPlan([(seq, n) for seq, n in plan.chosen if seq is not victim], [*plan.preempted, victim])
+        return plan
+
+    def finish(self, seq: Sequence, status: RequestStatus = RequestStatus.FINISHED) -> None:
+        """`seq` leaves the batch (FINISHED, or ABORTED when it failed); its cache stays with it."""
+        self.running.remove(seq)
+        seq.status = status

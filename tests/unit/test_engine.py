@@ -16,7 +16,6 @@ from moemesh.settings import GatewaySettings
 from services.gateway import metrics
 from services.gateway.engine import Engine
 from services.gateway.requests import GenerationRequest, SamplingConfig, StepOutput, merge
-from services.gateway.scheduler import StepCost
 from services.gateway.server import build_engine
 from services.gateway.text import TextCodec
 from tests.helpers import make_mixtral, stepwise_logits
@@ -178,7 +177,7 @@ def test_micro_batches_take_turns_at_every_moe_layer(model_dir):
     ],
 )
 def test_split_micro_batches(tokens, parts, min_tokens, expected):
-    from services.gateway.engine import split_micro_batches
+    from services.gateway.runner import split_micro_batches
 
     chosen = [(object(), n) for n in tokens]
     groups = split_micro_batches(chosen, parts, min_tokens)
@@ -383,24 +382,6 @@ def test_priority_decides_who_is_admitted_when_a_place_frees(model_dir):
         engine.stop()
 
 
-def test_prefill_beside_decodes_is_capped_by_the_inter_token_budget(model_dir):
-    engine, _ = build_engine(
-        GatewaySettings(model=model_dir, dtype="float32", max_batch_tokens=512, max_decode_stall_ms=100)
-    )  # not started: the test drives the scheduler
-    decoding = engine.submit(request([1, 2, 3]))
-    long_, short = engine.submit(request(list(range(1, 301)))), engine.submit(request(list(range(1, 41))))
-    engine._admit()
-    decoding.computed, decoding.output_ids = 3, [5]  # its prompt is read: it decodes one token per step
-    for decodes, prefill in ((1, 0), (1, 100), (2, 50), (0, 200)):  # as if measured: 19 ms + 1 ms each
-        engine.cost.observe(decodes, prefill, 0.019 + 0.001 * (decodes + prefill))
-    chosen = dict((seq, n) for seq, n in engine._schedule())
-    assert chosen[decoding] == 1
-    assert chosen[short] == 40  # the shorter prompt goes first, whatever the arrival order
-    assert chosen[long_] == 100 - 40  # 100 prefill tokens x 1 ms = the 100 ms budget on top of the decodes
-    engine.cost = StepCost()  # nothing measured: only max_batch_tokens caps the step
-    assert sum(n for _, n in engine._schedule()) == 1 + 300 + 40
-
-
 def test_kv_cache_grows_in_blocks_and_keeps_what_it_holds(model_dir):
     from moemesh.model import KV_BLOCK, KVCache
 
@@ -441,10 +422,8 @@ def test_sequences_beyond_the_kv_budget_wait_or_are_preempted_and_keep_their_tok
 def test_small_steps_compute_on_one_thread_and_give_the_same_tokens(engine, model_dir):
     """`one_thread_step_tokens` (set where the experts are remote): a step of at most that many tokens runs on one
     torch thread, a larger one on the engine's threads; the tokens are those of the default engine."""
-    from dataclasses import replace
-
     small, _ = build_engine(GatewaySettings(model=model_dir, dtype="float32", max_batch_tokens=48))
-    small.config = replace(small.config, one_thread_step_tokens=4)
+    small.runner.one_thread_step_tokens = 4
     seen: list[tuple[int, int]] = []  # (tokens, torch threads) at each MoE call
     routed = small.routed
 
