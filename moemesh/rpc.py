@@ -9,7 +9,7 @@ import signal
 import threading
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -104,6 +104,14 @@ def answer_calls(
             yield failed(request.request_id, call_status(exc))
 
 
+class Background(Protocol):
+    """A thread of work that lives as long as a service serves."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
 class Service:
     """A gRPC server with standard health checking, a ready line, and graceful drain on SIGTERM; TLS with
     `credentials` (`moemesh.tls.Tls.server_credentials`)."""
@@ -132,6 +140,17 @@ class Service:
         except RuntimeError as exc:  # "Failed to bind to address ..."
             raise ConfigError(f"{name}: cannot listen on {host}:{port}: {exc}") from None
         self.address = f"{host}:{self.port}"
+        self._beside: list[Background] = []
+
+    def run_beside(self, task: Background) -> None:
+        """Starts `task` (the gateway's readiness prober), which `stop_beside` stops once serving is done."""
+        task.start()
+        self._beside.append(task)
+
+    def stop_beside(self) -> None:
+        for task in reversed(self._beside):
+            task.stop()
+        self._beside.clear()
 
     def start(self, ready: bool = True) -> None:
         """Starts serving; `ready=False`: health checks (and calls) are answered, but the health stays

@@ -83,7 +83,7 @@ def gateway(model, **settings) -> Iterator[tuple[gateway_pb2_grpc.GatewayStub, g
         channel.close()
         metrics_server.shutdown()
         service.server.stop(0)
-        service.readiness.stop()
+        service.stop_beside()
         engine.stop()
 
 

@@ -162,12 +162,12 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     )
     reflection.enable_server_reflection(names, service.server)
     # Readiness (health service moemesh.v1.Gateway): engine thread alive, a router answering.
-    service.readiness = Readiness(  # type: ignore[attr-defined]
+    readiness = Readiness(
         service.health, engine, experts_of(engine).routers,
         settings.tls().channel_credentials(),
     )  # fmt: skip
     faults.arm_engine(engine)
-    service.readiness.start()  # type: ignore[attr-defined]
+    service.run_beside(readiness)
     return service, engine
 
 
@@ -200,5 +200,5 @@ def serve(settings: GatewaySettings) -> None:
     engine.start()
     service.start()
     service.serve_until_signal(settings.grace_s)
-    service.readiness.stop()  # type: ignore[attr-defined]
+    service.stop_beside()
     engine.stop()
