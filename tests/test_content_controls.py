@@ -190,7 +190,12 @@ def test_prompt_token_ids_are_taken_as_they_are(gateways):
 def test_system_messages_refused_when_not_allowed(gateways, mixtral_dir):
     gateway = gateways.filtered
     cfg = Checkpoint(mixtral_dir).config
-    limits = Limits(cfg.vocab_size, cfg.max_position_embeddings, 8, 64)
+    limits = Limits(
+        vocab_size=cfg.vocab_size,
+        max_context=cfg.max_position_embeddings,
+        default_max_new_tokens=8,
+        max_new_tokens_limit=64,
+    )
     conv = make_conversations(gateway.settings, gateway.engine, Checkpoint(mixtral_dir), limits)
     messages = [gateway_pb2.Message(role="user", content="hi"), gateway_pb2.Message(role="system", content="obey")]
     turn = conv.turn("", messages, gateway_pb2.SamplingParams(), "me", lambda _: None, allow_system=False)

@@ -31,7 +31,12 @@ def test_turn_on_a_second_engine_equals_recompute(make, tmp_path, redis_server):
     settings = GatewaySettings(model=model_dir, dtype="float32", redis=redis_server.url, kv_chunk_tokens=16)
     engines = [build_engine(settings)[0] for _ in range(2)]  # two gateways' engines, one Redis
     cfg = Checkpoint(model_dir).config
-    limits = Limits(cfg.vocab_size, cfg.max_position_embeddings, 8, 64)
+    limits = Limits(
+        vocab_size=cfg.vocab_size,
+        max_context=cfg.max_position_embeddings,
+        default_max_new_tokens=8,
+        max_new_tokens_limit=64,
+    )
     first, second = (conversations(settings, e, Checkpoint(model_dir), limits) for e in engines)
     for engine in engines:
         engine.start()
@@ -78,7 +83,12 @@ def test_session_limits(tmp_path, redis_server, mixtral_dir):
     )
     engine = build_engine(settings)[0]
     cfg = Checkpoint(mixtral_dir).config
-    conv = conversations(settings, engine, Checkpoint(mixtral_dir), Limits(cfg.vocab_size, 512, 8, 64))
+    conv = conversations(
+        settings,
+        engine,
+        Checkpoint(mixtral_dir),
+        Limits(vocab_size=cfg.vocab_size, max_context=512, default_max_new_tokens=8, max_new_tokens_limit=64),
+    )
     engine.start()
     try:
 

@@ -25,6 +25,7 @@ class Conversations:
     def __init__(
         self,
         engine: Engine,
+        *,
         store: SessionStore,
         kv: KVStore,
         template: ChatTemplate | None,

@@ -33,7 +33,7 @@ from services.gateway.text import TextCodec, TextStream
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     max_batch_seqs: int
     max_batch_tokens: int

@@ -6,15 +6,20 @@ field's name and the limit it broke.
 
 import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
+from moemesh.config import ModelConfig
 from moemesh.errors import InvalidArgument
+from moemesh.settings import GatewaySettings
 from moemesh.v1 import gateway_pb2
 from services.gateway.text import TextCodec
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Limits:
+    """What one request may ask for: the model's (vocabulary, context) and the deployment's hard limits, whose
+    names are those of `GatewaySettings`."""
+
     vocab_size: int
     max_context: int
     default_max_new_tokens: int
@@ -25,6 +30,16 @@ class Limits:
     max_temperature: float = 2.0
     max_chat_messages: int = 64
     max_message_chars: int = 32_000
+
+    @classmethod
+    def from_settings(cls, settings: GatewaySettings, cfg: ModelConfig) -> "Limits":
+        """The model's limits, and the settings' fields of the same names (`max_context` 0: the model's)."""
+        shared = {f.name for f in fields(cls)} - {"vocab_size", "max_context"}
+        return cls(
+            vocab_size=cfg.vocab_size,
+            max_context=settings.max_context or cfg.max_position_embeddings,
+            **{name: getattr(settings, name) for name in shared},
+        )
 
 
 SESSION_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -49,14 +49,15 @@ def build_engine(settings: GatewaySettings, controls: ContentControls | None = N
     dtype = settings.compute_dtype(cfg.checkpoint_dtype, device)
     experts = connect_experts(settings, ckpt, device, dtype)
     config = EngineConfig(
-        settings.max_batch_seqs,
-        settings.max_batch_tokens,
-        settings.max_waiting,
-        settings.max_decode_stall_ms / 1000,
-        settings.kv_cache_bytes or int(KV_SHARE_OF_FREE_MEMORY * hardware.available_memory_bytes(device)),
-        settings.micro_batches,
-        settings.micro_batch_min_tokens,
-        settings.one_thread_step_tokens if experts.is_remote else 0,
+        max_batch_seqs=settings.max_batch_seqs,
+        max_batch_tokens=settings.max_batch_tokens,
+        max_waiting=settings.max_waiting,
+        max_decode_stall_s=settings.max_decode_stall_ms / 1000,
+        kv_cache_bytes=settings.kv_cache_bytes
+        or int(KV_SHARE_OF_FREE_MEMORY * hardware.available_memory_bytes(device)),
+        micro_batches=settings.micro_batches,
+        micro_batch_min_tokens=settings.micro_batch_min_tokens,
+        one_thread_step_tokens=settings.one_thread_step_tokens if experts.is_remote else 0,
     )
     text = TextCodec.from_dir(settings.model)
     eos_ids = eos_token_ids(settings.model, text.tokenizer) if text else cfg.eos_token_ids
@@ -101,14 +102,14 @@ def conversations(
     window = None if None in windows else max(windows)  # a layer without a window sees every position
     return Conversations(
         engine,
-        SessionStore(client, settings.session_ttl_s, settings.session_lock_ttl_s),
-        KVStore(client, loads, tag, settings.kv_chunk_tokens, settings.session_ttl_s, window),
-        ChatTemplate.from_dir(settings.model),
-        limits,
-        settings.max_session_turns,
-        settings.max_session_tokens or limits.max_context,
-        controls.input,
-        settings.system_prompt,
+        store=SessionStore(client, settings.session_ttl_s, settings.session_lock_ttl_s),
+        kv=KVStore(client, loads, tag, settings.kv_chunk_tokens, settings.session_ttl_s, window),
+        template=ChatTemplate.from_dir(settings.model),
+        limits=limits,
+        max_turns=settings.max_session_turns,
+        max_tokens=settings.max_session_tokens or limits.max_context,
+        input_filter=controls.input,
+        system_prompt=settings.system_prompt,
     )
 
 
@@ -129,18 +130,7 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     controls = load_controls(settings.input_filter)
     engine, ckpt = build_engine(settings, controls)
     cfg = ckpt.config
-    limits = Limits(
-        vocab_size=cfg.vocab_size,
-        max_context=settings.max_context or cfg.max_position_embeddings,
-        default_max_new_tokens=settings.default_max_new_tokens,
-        max_new_tokens_limit=settings.max_new_tokens_limit,
-        max_prompt_chars=settings.max_prompt_chars,
-        max_stop_strings=settings.max_stop_strings,
-        max_stop_chars=settings.max_stop_chars,
-        max_temperature=settings.max_temperature,
-        max_chat_messages=settings.max_chat_messages,
-        max_message_chars=settings.max_message_chars,
-    )
+    limits = Limits.from_settings(settings, cfg)
     # The public port: TLS once there is a certificate; clients need none of their own.
     service = Service(
         "gateway", settings.host, settings.port, workers=settings.max_concurrent_requests + HEALTH_THREADS,
@@ -150,10 +140,16 @@ def create_service(settings: GatewaySettings) -> tuple[Service, Engine]:
     )  # fmt: skip
     client = redis_client(settings)
     servicer = GatewayServicer(
-        engine, conversations(settings, engine, ckpt, limits, controls, client), limits, cfg, ckpt.dir.name,
-        controls.input, Authenticator(key_store(settings, client)), Quotas(client, settings.session_ttl_s),
-        settings.max_concurrent_requests,
-    )  # fmt: skip
+        engine,
+        conversations=conversations(settings, engine, ckpt, limits, controls, client),
+        limits=limits,
+        cfg=cfg,
+        model_name=ckpt.dir.name,
+        input_filter=controls.input,
+        auth=Authenticator(key_store(settings, client)),
+        quotas=Quotas(client, settings.session_ttl_s),
+        max_concurrent=settings.max_concurrent_requests,
+    )
     gateway_pb2_grpc.add_GatewayServicer_to_server(servicer, service.server)
     names = (
         GATEWAY_SERVICE,

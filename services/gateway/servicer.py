@@ -26,6 +26,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     def __init__(
         self,
         engine: Engine,
+        *,
         conversations: Conversations | None,
         limits: requests.Limits,
         cfg: ModelConfig,

@@ -46,7 +46,12 @@ def engine(settings):
 def conv(settings, engine) -> Conversations:
     """A fresh `Conversations` (a test may patch its stores) on the shared engine, wired as the server wires it."""
     ckpt = Checkpoint(settings.model)
-    limits = Limits(ckpt.config.vocab_size, ckpt.config.max_position_embeddings, 8, 64)
+    limits = Limits(
+        vocab_size=ckpt.config.vocab_size,
+        max_context=ckpt.config.max_position_embeddings,
+        default_max_new_tokens=8,
+        max_new_tokens_limit=64,
+    )
     return conversations(settings, engine, ckpt, limits)
 
 
