@@ -407,7 +407,7 @@ class DenseModel(nn.Module):
             state["embed_tokens.weight"] = state["embed_tokens.weight"].dequantize(dtype)
         # The LM head is a decode step's largest matmul (a GEMV at one stream). Stored input-major (the same
         # [vocab, hidden] values over a [hidden, vocab] buffer), torch's CPU kernels stream it near memory
-        # speed: 0.35x the time in fp32 and 0.76x in bf16 at one row (docs/benchmarks.md).
+        # speed, faster than the [vocab, hidden] layout at one row (`python -m bench.micro`, docs/benchmarks.md).
         # Where the linears are packed (`moemesh.packed`), the packed head is faster still.
         tied = ckpt.config.tie_word_embeddings
         head = state["embed_tokens.weight" if tied else "lm_head.weight"]

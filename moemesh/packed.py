@@ -6,14 +6,14 @@ and width of a weight in memory set the step's time:
 - bf16 compute on a CPU with native bf16 (AVX512-bf16 / AMX): `PackedLinear`, the weight reordered once into
   oneDNN's blocked layout (`mkldnn._reorder_linear_weight`, what `torch.compile` does for frozen CPU linears).
   `F.linear` hands oneDNN the plain [out, in] weight at every call; the packed one is read faster with bit for
-  bit the same output (an expert's 1024 -> 5632 projection: 0.56 against 0.72 ms at one row,
-  docs/benchmarks.md).
+  bit the same output (`python -m bench.micro`, docs/benchmarks.md).
 - fp32 compute of a half-precision (bf16 or fp16) checkpoint, which `--dtype auto` chooses on a CPU without
   native bf16: `HalfLinear`, the weight held as fp16 in fbgemm's packed layout and widened to fp32 inside the
   kernel, which sums in fp32, as llama.cpp computes f16 weights. The weight stays at the checkpoint's width
-  instead of doubling, and the kernel, reading half the bytes, is faster than fp32 `F.linear` at every batch
-  size measured (`python -m bench.quant_kernels`). bf16 -> fp16 is exact for magnitudes 2^-14 to 65504 (fp16
-  has more mantissa bits) and within 2^-25 below; a weight beyond fp16's range stays fp32.
+  instead of doubling, and the kernel, reading half the bytes, is faster than fp32 `F.linear` at the batch
+  sizes of decode and prefill (`python -m bench.quant_kernels`, docs/benchmarks.md). bf16 -> fp16 is exact for
+  magnitudes 2^-14 to 65504 (fp16 has more mantissa bits) and within 2^-25 below; a weight beyond fp16's range
+  stays fp32.
 
 Elsewhere (fp32 checkpoints, whose packed MKL kernel would sum in another order; CPUs without these kernels),
 `pack_linears` leaves the module as it is.

@@ -7,12 +7,12 @@ docs/benchmarks.md):
 - 4-bit codes on the CPU, groups of 32-256 columns, rows a multiple of 16: `_weight_int4pack_mm_for_cpu`'s
   own layout (made once by `_convert_weight_to_int4pack_for_cpu`; it dequantizes (code - 8) x scale + zero',
   so zero' = (8 - zero) x scale). The kernel takes bf16 or fp16 inputs at speed; fp32 inputs are rounded to
-  bf16 for it and its output widened back (in fp32 it runs 10-80x slower), the way llama.cpp rounds
+  bf16 for it and its output widened back (in fp32 it runs many times slower), the way llama.cpp rounds
   activations to 8 bits for its 4-bit dot products, unless `POLICY.exact` (`--quantized-kernels exact`) asks
-  for the exact path below. On the benchmark model's expert shapes (2 threads, AVX512-bf16 CPU) it takes
-  0.13-0.15 ms at one row against 0.43-0.46 ms for fp32 weights, but its time grows with the rows (5.3 against
-  3.5 ms at 128): from the row count where it loses (`gemm_rows`, measured at load for each shape), the
-  weight is read back from that layout into the compute dtype and multiplied by a dense GEMM;
+  for the exact path below. At a few rows it reads its weights faster than fp32 or bf16 weights, but its time
+  grows with the rows (`python -m bench.quant_kernels`, docs/benchmarks.md): from the row count where it
+  loses (`gemm_rows`, measured at load for each shape), the weight is read back from that layout into the
+  compute dtype and multiplied by a dense GEMM;
 - otherwise (8-bit codes, other group sizes, CUDA): codes one or two to a byte, the weight dequantized into
   the input's dtype at each call, then `F.linear`: exact (fp32 compute agrees with a float model of the
   dequantized weights to fp32 rounding) but paying a pass over the whole weight per call.
@@ -247,10 +247,9 @@ class W8A8Linear(nn.Module):
     """int8 weights (per output channel) times int8 activations quantized at each call (per tensor, dynamic),
     accumulated in int32: `torch.ao`'s dynamic quantized linear, the one place moemesh uses that deprecated API.
 
-    Its engine (process-wide) is oneDNN where the CPU has VNNI or AMX int8, else fbgemm: on the 2-core
-    AVX512-VNNI machine, an expert's 1024 x 2816 projection took 0.13 / 0.27 / 0.47 ms at 1 / 32 / 128 rows on
-    oneDNN against 0.11 / 0.31 / 0.92 on fbgemm, and fp32 0.26 / 1.17 / 2.9 (docs/benchmarks.md). Inputs of
-    another dtype are computed in fp32 and the output returned in theirs."""
+    Its engine (process-wide) is oneDNN where the CPU has VNNI or AMX int8, where it was the faster of the two
+    from 32 rows on, else fbgemm (`python -m bench.quant_kernels`, docs/benchmarks.md). Inputs of another dtype
+    are computed in fp32 and the output returned in theirs."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
