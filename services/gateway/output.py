@@ -6,7 +6,7 @@ import time
 
 from services.gateway import metrics
 from services.gateway.requests import StepOutput
-from services.gateway.sequence import RequestStatus, Sequence
+from services.gateway.sequence import Sequence
 
 
 class OutputProcessor:
@@ -14,8 +14,8 @@ class OutputProcessor:
         self.eos_ids = set(eos_ids)
 
     def process(self, seq: Sequence, token: int, logprob: float) -> StepOutput | None:
-        """The output for `seq`'s new token (its last one when `finish_reason` is set, and then the sequence is
-        FINISHED); None when everything new is held back by the output rules."""
+        """The output for `seq`'s new token (its last one when `finish_reason` is set: the engine then has the
+        scheduler finish it); None when everything new is held back by the output rules."""
         seq.output_ids.append(token)
         seq.logprobs.append(logprob)
         now = time.monotonic()
@@ -47,7 +47,6 @@ class OutputProcessor:
             out.cached_tokens = seq.cached
             metrics.E2E_REQUEST_LATENCY.observe(now - seq.submitted_at)
             metrics.PROMPT_TOKENS.inc(len(seq.prompt_ids))
-            seq.status = RequestStatus.FINISHED
             return out
         if not out.token_ids and not out.text:
             return None
